@@ -1,0 +1,20 @@
+"""The ``vl-regions`` command: train the detector, detect, extract region features, convert feature stores."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+from vl.cli import build_parser, run
+
+# Each module's ``add_parser(subparsers)`` registers a subcommand; imported explicitly.
+COMMAND_MODULES: list = []
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser("vl-regions", COMMAND_MODULES, __doc__.splitlines()[0])
+    return run(parser, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,52 @@
+"""The ``vl`` command. Each subcommand lives in its own module under ``vl/cli/`` and registers itself here.
+
+Contract (../shared/CLI.md): every command has ``--help``, exits non-zero with a one-line error naming the bad
+input, and writes outputs through a temporary name and a rename.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+
+from vl.errors import UserError
+
+# Each module's ``add_parser(subparsers)`` registers its subcommand(s) and sets ``func`` on its parser.
+# Imported explicitly, in the order ``vl --help`` lists them.
+from vl.cli import tokenizer as _tokenizer
+
+COMMAND_MODULES = [_tokenizer]
+
+
+def build_parser(prog: str, modules, description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    subparsers.required = True
+    for module in modules:
+        module.add_parser(subparsers)
+    return parser
+
+
+def run(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
+    """Parse, dispatch and turn user errors into one line on stderr and a non-zero exit."""
+    args = parser.parse_args(argv)
+    func: Callable[[argparse.Namespace], int | None] = args.func
+    try:
+        return int(func(args) or 0)
+    except (UserError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError) as err:
+        message = str(err).splitlines()[0] if str(err) else type(err).__name__
+        print(f"{parser.prog} {args.command}: error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{parser.prog} {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    description = "vl: vision-language pretraining, fine-tuning and serving, with a BERT-family text core."
+    return run(build_parser("vl", COMMAND_MODULES, description), argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Embeddings and the transformer layer shared by every model, text-only included."""

@@ -1,0 +1,291 @@
+"""The shared transformer core: BERT-style embeddings, attention on SDPA, a post-/pre-LN layer, mask modes.
+
+Every model in the project, text-only and vision-language, is built from these blocks. Blocks take explicit
+arguments; the models that assemble them take their config.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+MaskMode = Literal["bidirectional", "causal", "prefix"]
+MASK_MODES = ("bidirectional", "causal", "prefix")
+
+
+def activation_fn(name: str):
+    """BERT's activations by their Hugging Face names."""
+    if name == "gelu":
+        return F.gelu
+    if name in ("gelu_new", "gelu_tanh", "gelu_pytorch_tanh"):
+        return lambda x: F.gelu(x, approximate="tanh")
+    if name == "relu":
+        return F.relu
+    if name == "silu" or name == "swish":
+        return F.silu
+    raise ValueError(f"unknown activation '{name}' (known: gelu, gelu_new, relu, silu)")
+
+
+def build_attention_mask(
+    padding_mask: torch.Tensor | None,
+    mode: MaskMode = "bidirectional",
+    prefix_len: torch.Tensor | int | None = None,
+    seq_len: int | None = None,
+) -> torch.Tensor | None:
+    """A boolean mask for ``scaled_dot_product_attention``: True where a query may attend to a key.
+
+    padding_mask: (B, T), 1/True at real tokens, or None for no padding.
+    mode: "bidirectional" (BERT), "causal" (GPT) or "prefix" (UniLM: bidirectional over the first ``prefix_len``
+        tokens, causal after them; ``prefix_len`` is an int or a (B,) tensor).
+    Returns (B, 1, T, T), or None when nothing is masked (which lets SDPA pick its fastest kernel).
+    """
+    if mode not in MASK_MODES:
+        raise ValueError(f"unknown attention mask mode '{mode}' (known: {', '.join(MASK_MODES)})")
+    if padding_mask is None and mode == "bidirectional":
+        return None
+    if padding_mask is not None:
+        batch, seq = padding_mask.shape
+        device = padding_mask.device
+    else:
+        if seq_len is None:
+            raise ValueError("build_attention_mask needs padding_mask or seq_len")
+        batch, seq, device = 1, seq_len, None
+        if isinstance(prefix_len, torch.Tensor):
+            batch, device = prefix_len.shape[0], prefix_len.device
+    positions = torch.arange(seq, device=device)
+    mask = torch.ones(batch, 1, seq, seq, dtype=torch.bool, device=device)
+    if mode in ("causal", "prefix"):
+        causal = positions[None, :] <= positions[:, None]  # (T_q, T_k)
+        mask = mask & causal
+        if mode == "prefix":
+            if prefix_len is None:
+                raise ValueError("mask mode 'prefix' needs prefix_len")
+            prefix = torch.as_tensor(prefix_len, device=device).reshape(-1, 1, 1, 1)  # (B|1, 1, 1, 1)
+            key_in_prefix = positions.view(1, 1, 1, seq) < prefix  # (B|1, 1, 1, T_k)
+            # Every query sees the whole prefix; after the prefix, attention is causal.
+            mask = mask | key_in_prefix
+    if padding_mask is not None:
+        keys = padding_mask.bool()[:, None, None, :]  # (B, 1, 1, T_k)
+        mask = mask & keys
+        # A query row with no visible key (padding in causal mode) would give NaN; let it see itself.
+        mask = mask | torch.eye(seq, dtype=torch.bool, device=device)[None, None]
+    return mask
+
+
+def cross_attention_mask(key_padding_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """(B, T_k) padding mask of the attended sequence -> (B, 1, 1, T_k) bool, or None."""
+    if key_padding_mask is None:
+        return None
+    return key_padding_mask.bool()[:, None, None, :]
+
+
+class TextEmbeddings(nn.Module):
+    """Token + segment + learned position embeddings, then LayerNorm and dropout (BERT)."""
+
+    def __init__(
+        self,
+        vocab_size: int,
+        hidden_size: int,
+        max_position: int = 512,
+        type_vocab_size: int = 2,
+        pad_token_id: int = 0,
+        layer_norm_eps: float = 1e-12,
+        dropout: float = 0.1,
+    ):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(vocab_size, hidden_size, padding_idx=pad_token_id)
+        self.position_embeddings = nn.Embedding(max_position, hidden_size)
+        self.token_type_embeddings = nn.Embedding(type_vocab_size, hidden_size)
+        self.norm = nn.LayerNorm(hidden_size, eps=layer_norm_eps)
+        self.dropout = nn.Dropout(dropout)
+        self.max_position = max_position
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        token_type_ids: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """input_ids (B, T) -> (B, T, H)."""
+        seq = input_ids.shape[1]
+        if seq > self.max_position:
+            raise ValueError(f"sequence of {seq} tokens is longer than max_position={self.max_position}")
+        if position_ids is None:
+            position_ids = torch.arange(seq, device=input_ids.device)[None, :]
+        if token_type_ids is None:
+            token_type_ids = torch.zeros_like(input_ids)
+        x = self.word_embeddings(input_ids) + self.position_embeddings(position_ids)
+        x = x + self.token_type_embeddings(token_type_ids)
+        return self.dropout(self.norm(x))
+
+
+class Attention(nn.Module):
+    """Multi-head attention on ``F.scaled_dot_product_attention``; self-attention, or cross-attention to ``context``.
+
+    ``kv_dim`` is the width of the attended sequence when it differs from ``dim`` (ViLBERT's streams).
+    Returns the projected output, before residual and normalisation.
+    """
+
+    def __init__(self, dim: int, num_heads: int, kv_dim: int | None = None, attn_dropout: float = 0.0,
+                 inner_dim: int | None = None):
+        super().__init__()
+        inner_dim = inner_dim or dim
+        if inner_dim % num_heads:
+            raise ValueError(f"attention width {inner_dim} is not divisible by {num_heads} heads")
+        kv_dim = kv_dim or dim
+        self.num_heads = num_heads
+        self.head_dim = inner_dim // num_heads
+        self.query = nn.Linear(dim, inner_dim)
+        self.key = nn.Linear(kv_dim, inner_dim)
+        self.value = nn.Linear(kv_dim, inner_dim)
+        self.out = nn.Linear(inner_dim, dim)
+        self.attn_dropout = attn_dropout
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        context: torch.Tensor | None = None,
+        attn_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """x (B, T, D), context (B, S, D_kv) or None, attn_mask bool (B, 1, T|1, S) -> (B, T, D)."""
+        context = x if context is None else context
+        batch, seq, _ = x.shape
+        q = self.query(x).view(batch, seq, self.num_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
+        k = self.key(context).view(batch, -1, self.num_heads, self.head_dim).transpose(1, 2)  # (B, nh, S, hd)
+        v = self.value(context).view(batch, -1, self.num_heads, self.head_dim).transpose(1, 2)  # (B, nh, S, hd)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, dropout_p=self.attn_dropout if self.training else 0.0
+        )  # (B, nh, T, hd)
+        y = y.transpose(1, 2).reshape(batch, seq, self.num_heads * self.head_dim)  # (B, T, nh*hd)
+        return self.out(y)
+
+
+class FeedForward(nn.Module):
+    """Position-wise MLP: Linear -> activation -> Linear."""
+
+    def __init__(self, dim: int, hidden_dim: int, activation: str = "gelu"):
+        super().__init__()
+        self.fc_in = nn.Linear(dim, hidden_dim)
+        self.fc_out = nn.Linear(hidden_dim, dim)
+        self.act = activation_fn(activation)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc_out(self.act(self.fc_in(x)))
+
+
+class Residual(nn.Module):
+    """One sublayer's residual wrapper: post-LN ``norm(x + drop(f(x)))`` (BERT) or pre-LN ``x + drop(f(norm(x)))``."""
+
+    def __init__(self, dim: int, dropout: float = 0.1, layer_norm_eps: float = 1e-12, pre_ln: bool = False):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim, eps=layer_norm_eps)
+        self.dropout = nn.Dropout(dropout)
+        self.pre_ln = pre_ln
+
+    def forward(self, x: torch.Tensor, sublayer) -> torch.Tensor:
+        if self.pre_ln:
+            return x + self.dropout(sublayer(self.norm(x)))
+        return self.norm(x + self.dropout(sublayer(x)))
+
+
+class TransformerLayer(nn.Module):
+    """Self-attention then feed-forward, each in a residual; optionally a cross-attention between them.
+
+    With ``cross_attention=True`` the layer is a decoder-style / LXMERT-style block that attends to a second
+    sequence (width ``context_dim``) after attending to itself.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        ffn_dim: int,
+        dropout: float = 0.1,
+        attn_dropout: float = 0.1,
+        layer_norm_eps: float = 1e-12,
+        activation: str = "gelu",
+        pre_ln: bool = False,
+        cross_attention: bool = False,
+        context_dim: int | None = None,
+    ):
+        super().__init__()
+        self.attention = Attention(dim, num_heads, attn_dropout=attn_dropout)
+        self.attention_residual = Residual(dim, dropout, layer_norm_eps, pre_ln)
+        self.cross_attention = None
+        if cross_attention:
+            self.cross_attention = Attention(dim, num_heads, kv_dim=context_dim, attn_dropout=attn_dropout)
+            self.cross_residual = Residual(dim, dropout, layer_norm_eps, pre_ln)
+        self.ffn = FeedForward(dim, ffn_dim, activation)
+        self.ffn_residual = Residual(dim, dropout, layer_norm_eps, pre_ln)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        attn_mask: torch.Tensor | None = None,
+        context: torch.Tensor | None = None,
+        context_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """x (B, T, D); attn_mask bool (B, 1, T, T) from ``build_attention_mask``; context (B, S, D_c) -> (B, T, D)."""
+        x = self.attention_residual(x, lambda h: self.attention(h, attn_mask=attn_mask))
+        if self.cross_attention is not None:
+            if context is None:
+                raise ValueError("this layer has cross-attention and needs a context sequence")
+            x = self.cross_residual(x, lambda h: self.cross_attention(h, context, attn_mask=context_mask))
+        return self.ffn_residual(x, self.ffn)
+
+
+class TransformerEncoder(nn.Module):
+    """A stack of ``TransformerLayer``; pre-LN stacks end with a final LayerNorm."""
+
+    def __init__(
+        self,
+        num_layers: int,
+        dim: int,
+        num_heads: int,
+        ffn_dim: int,
+        dropout: float = 0.1,
+        attn_dropout: float = 0.1,
+        layer_norm_eps: float = 1e-12,
+        activation: str = "gelu",
+        pre_ln: bool = False,
+    ):
+        super().__init__()
+        self.layers = nn.ModuleList(
+            TransformerLayer(dim, num_heads, ffn_dim, dropout, attn_dropout, layer_norm_eps, activation, pre_ln)
+            for _ in range(num_layers)
+        )
+        self.final_norm = nn.LayerNorm(dim, eps=layer_norm_eps) if pre_ln else nn.Identity()
+
+    def forward(
+        self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, return_all: bool = False
+    ) -> torch.Tensor | list[torch.Tensor]:
+        """x (B, T, D) -> (B, T, D); with ``return_all``, the embeddings and every layer's output (L + 1 tensors)."""
+        hidden = [x]
+        for layer in self.layers:
+            x = layer(x, attn_mask)
+            hidden.append(x)
+        x = self.final_norm(x)
+        if return_all:
+            hidden[-1] = x
+            return hidden
+        return x
+
+
+def init_bert_weights(module: nn.Module, std: float = 0.02) -> None:
+    """BERT's initialisation: normal(0, std) weights, zero biases, unit LayerNorms."""
+    if isinstance(module, nn.Linear):
+        nn.init.normal_(module.weight, std=std)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.Embedding):
+        nn.init.normal_(module.weight, std=std)
+        if module.padding_idx is not None:
+            with torch.no_grad():
+                module.weight[module.padding_idx].zero_()
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+

@@ -1,0 +1,1 @@
+"""Text processing: the WordPiece tokenizer."""
