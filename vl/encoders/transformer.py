@@ -70,8 +70,10 @@ def build_attention_mask(
     if padding_mask is not None:
         keys = padding_mask.bool()[:, None, None, :]  # (B, 1, 1, T_k)
         mask = mask & keys
-        # A query row with no visible key (padding in causal mode) would give NaN; let it see itself.
-        mask = mask | torch.eye(seq, dtype=torch.bool, device=device)[None, None]
+        # A query row with no visible key (e.g. left padding in causal mode) would give NaN; let only such a row see
+        # itself. Every other row, padded queries included, sees exactly the real keys, as in BERT.
+        blind = ~mask.any(dim=-1, keepdim=True)  # (B, 1, T_q, 1)
+        mask = mask | (blind & torch.eye(seq, dtype=torch.bool, device=device)[None, None])
     return mask
 
 
