@@ -5,10 +5,11 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
+from region_features import convert as _convert
 from vl.cli import build_parser, run
 
 # Each module's ``add_parser(subparsers)`` registers a subcommand; imported explicitly.
-COMMAND_MODULES: list = []
+COMMAND_MODULES: list = [_convert]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
