@@ -262,7 +262,7 @@ def load_into(
 
 # Hugging Face ``config.json`` model_type -> the checkpoint kind its loader handles. Each converter module in
 # vl/checkpoints/ adds its model type here.
-HF_MODEL_TYPES: dict[str, str] = {"bert": "hf-bert"}
+HF_MODEL_TYPES: dict[str, str] = {"bert": "hf-bert", "lxmert": "hf-lxmert", "visual_bert": "hf-visualbert"}
 VL_RUN_KIND = "vl-run"
 
 # Weight file names of a Hugging Face checkpoint directory, most preferred first; index files list shards.

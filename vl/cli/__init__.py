@@ -14,10 +14,11 @@ from vl.errors import UserError
 
 # Each module's ``add_parser(subparsers)`` registers its subcommand(s) and sets ``func`` on its parser.
 # Imported explicitly, in the order ``vl --help`` lists them.
+from vl.cli import convert as _convert
 from vl.cli import tokenizer as _tokenizer
 from vl.cli import world as _world
 
-COMMAND_MODULES = [_tokenizer, _world]
+COMMAND_MODULES = [_tokenizer, _world, _convert]
 
 
 def build_parser(prog: str, modules, description: str) -> argparse.ArgumentParser:

@@ -1,0 +1,187 @@
+"""Dual-stream fusion: a text stream and a region stream that exchange information through cross-attention.
+
+Two families are configurations of ``DualStreamModel`` (``cfg.cross.kind``):
+
+- LXMERT ("lxmert"): N_l language layers, N_r object-relationship layers, then N_x cross-modality layers. Each
+  cross-modality layer has ONE cross-attention module (with its residual LayerNorm) used in both directions,
+  then self-attention and a feed-forward per stream. Regions are embedded as (LN(W f) + LN(W b)) / 2 and the
+  pooled output is tanh(Linear(text [CLS])). This reproduces Hugging Face's ``LxmertModel`` exactly
+  (``vl.checkpoints.hf_vl`` loads its checkpoints).
+- ViLBERT ("coattention"): streams of different widths; before text layer t and vision layer v of every pair in
+  ``cross.coattn_layers`` a co-attention block lets each stream attend to the other (separate weights per
+  direction) and runs a feed-forward per stream. Pooled output: relu(Linear(text [CLS])) *
+  relu(Linear(first region)), the first region being the whole-image token.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from vl.encoders.text import Pooler
+from vl.encoders.transformer import (
+    Attention,
+    FeedForward,
+    Residual,
+    TextEmbeddings,
+    TransformerLayer,
+    init_bert_weights,
+)
+from vl.fusion.base import FusionConfig, VLOutput, key_padding_mask, masked_mean, read_batch
+from vl.fusion.single_stream import build_region_embeddings, embed_regions, init_visual_tables
+
+
+class LxmertCrossLayer(nn.Module):
+    """LXMERT's cross-modality layer on two streams of the same width.
+
+    One ``cross_attention`` (+ ``cross_residual``) is applied text->regions and regions->text, both from the
+    layer's inputs; then ``text_layer`` and ``vision_layer`` (self-attention + feed-forward) run per stream.
+    """
+
+    def __init__(self, dim: int, num_heads: int, ffn_dim: int, dropout: float = 0.1, attn_dropout: float = 0.1,
+                 layer_norm_eps: float = 1e-12, activation: str = "gelu", pre_ln: bool = False):
+        super().__init__()
+        self.cross_attention = Attention(dim, num_heads, attn_dropout=attn_dropout)
+        self.cross_residual = Residual(dim, dropout, layer_norm_eps, pre_ln)
+        self.text_layer = TransformerLayer(dim, num_heads, ffn_dim, dropout, attn_dropout, layer_norm_eps,
+                                           activation, pre_ln)
+        self.vision_layer = TransformerLayer(dim, num_heads, ffn_dim, dropout, attn_dropout, layer_norm_eps,
+                                             activation, pre_ln)
+
+    def forward(self, text: torch.Tensor, text_mask: torch.Tensor | None, regions: torch.Tensor,
+                region_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """text (B, T, D), regions (B, R, D); masks bool (B, 1, 1, T|R) or None -> updated (text, regions)."""
+        text_attended = self.cross_residual(
+            text, lambda h: self.cross_attention(h, regions, attn_mask=region_mask))  # (B, T, D)
+        regions_attended = self.cross_residual(
+            regions, lambda h: self.cross_attention(h, text, attn_mask=text_mask))  # (B, R, D)
+        return self.text_layer(text_attended, text_mask), self.vision_layer(regions_attended, region_mask)
+
+
+class CoAttentionBlock(nn.Module):
+    """ViLBERT's co-attention block: each stream attends to the other, then a feed-forward per stream.
+
+    Text queries (width ``text_dim``) attend to region keys/values (``vision_dim``) and vice versa, through
+    attention of inner width ``inner_dim``; each output is projected back to its stream's width.
+    """
+
+    def __init__(self, text_dim: int, vision_dim: int, inner_dim: int, num_heads: int, text_ffn_dim: int,
+                 vision_ffn_dim: int, dropout: float = 0.1, attn_dropout: float = 0.1, layer_norm_eps: float = 1e-12,
+                 activation: str = "gelu", pre_ln: bool = False):
+        super().__init__()
+        self.text_cross_attention = Attention(text_dim, num_heads, kv_dim=vision_dim, attn_dropout=attn_dropout,
+                                              inner_dim=inner_dim)
+        self.text_cross_residual = Residual(text_dim, dropout, layer_norm_eps, pre_ln)
+        self.vision_cross_attention = Attention(vision_dim, num_heads, kv_dim=text_dim, attn_dropout=attn_dropout,
+                                                inner_dim=inner_dim)
+        self.vision_cross_residual = Residual(vision_dim, dropout, layer_norm_eps, pre_ln)
+        self.text_ffn = FeedForward(text_dim, text_ffn_dim, activation)
+        self.text_ffn_residual = Residual(text_dim, dropout, layer_norm_eps, pre_ln)
+        self.vision_ffn = FeedForward(vision_dim, vision_ffn_dim, activation)
+        self.vision_ffn_residual = Residual(vision_dim, dropout, layer_norm_eps, pre_ln)
+
+    def forward(self, text: torch.Tensor, text_mask: torch.Tensor | None, regions: torch.Tensor,
+                region_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """text (B, T, D_t), regions (B, R, D_v); masks bool (B, 1, 1, T|R) or None -> updated (text, regions)."""
+        text_attended = self.text_cross_residual(
+            text, lambda h: self.text_cross_attention(h, regions, attn_mask=region_mask))  # (B, T, D_t)
+        regions_attended = self.vision_cross_residual(
+            regions, lambda h: self.vision_cross_attention(h, text, attn_mask=text_mask))  # (B, R, D_v)
+        return (self.text_ffn_residual(text_attended, self.text_ffn),
+                self.vision_ffn_residual(regions_attended, self.vision_ffn))
+
+
+class DualStreamModel(nn.Module):
+    """Text stream + region stream + their exchange (LXMERT or ViLBERT, by ``cfg.cross.kind``).
+
+    ``model(batch) -> VLOutput`` with text_hidden (B, T, H_t), region_hidden (B, R, H_v) and pooled (B, H):
+    H = H_t for pooling "text_cls", ``cross.hidden_size`` for "product". Batch keys: see ``vl.fusion.base``.
+    """
+
+    def __init__(self, cfg: FusionConfig):
+        super().__init__()
+        if cfg.fusion != "dual_stream":
+            raise ValueError(f"DualStreamModel needs fusion 'dual_stream', got '{cfg.fusion}'")
+        self.cfg = cfg
+        text, vision, cross = cfg.text, cfg.vision, cfg.cross
+        common = dict(dropout=text.dropout, attn_dropout=text.attn_dropout, layer_norm_eps=text.layer_norm_eps,
+                      activation=text.activation, pre_ln=text.pre_ln)
+        self.text_embeddings = TextEmbeddings(
+            text.vocab_size, text.hidden_size, text.max_position, text.type_vocab_size, text.pad_token_id,
+            text.layer_norm_eps, text.dropout,
+        )
+        self.region_embeddings = build_region_embeddings(cfg, vision.hidden_size)
+        self.text_layers = nn.ModuleList(
+            TransformerLayer(text.hidden_size, text.num_heads, text.intermediate_size, **common)
+            for _ in range(text.num_layers)
+        )
+        self.vision_layers = nn.ModuleList(
+            TransformerLayer(vision.hidden_size, vision.num_heads, vision.intermediate_size, **common)
+            for _ in range(vision.num_layers)
+        )
+        if cross.kind == "lxmert":
+            self.cross_layers = nn.ModuleList(
+                LxmertCrossLayer(text.hidden_size, text.num_heads, text.intermediate_size, **common)
+                for _ in range(cross.num_layers)
+            )
+        else:
+            self.cross_layers = nn.ModuleList(
+                CoAttentionBlock(text.hidden_size, vision.hidden_size, cfg.coattn_hidden_size, cfg.coattn_num_heads,
+                                 text.intermediate_size, vision.intermediate_size, **common)
+                for _ in cross.coattn_layers
+            )
+        self.text_final_norm = nn.LayerNorm(text.hidden_size, eps=text.layer_norm_eps) if text.pre_ln else None
+        self.vision_final_norm = nn.LayerNorm(vision.hidden_size, eps=text.layer_norm_eps) if text.pre_ln else None
+        if cfg.pooling == "text_cls":
+            self.pooler = Pooler(text.hidden_size)
+        else:
+            self.text_pooler = nn.Linear(text.hidden_size, cfg.coattn_hidden_size)
+            self.vision_pooler = nn.Linear(vision.hidden_size, cfg.coattn_hidden_size)
+        self.text_hidden_size = text.hidden_size
+        self.region_hidden_size = vision.hidden_size
+        self.hidden_size = cfg.pooled_size
+        self.apply(lambda module: init_bert_weights(module, text.init_std))
+        init_visual_tables(self.text_embeddings, self.region_embeddings)
+
+    def _run_streams(self, text: torch.Tensor, text_mask: torch.Tensor | None, regions: torch.Tensor,
+                     region_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        text_done = vision_done = 0
+        if self.cfg.cross.kind == "coattention":
+            for block, (text_until, vision_until) in zip(self.cross_layers, self.cfg.cross.coattn_layers):
+                for layer in self.text_layers[text_done:text_until]:
+                    text = layer(text, text_mask)
+                for layer in self.vision_layers[vision_done:vision_until]:
+                    regions = layer(regions, region_mask)
+                text, regions = block(text, text_mask, regions, region_mask)
+                text_done, vision_done = text_until, vision_until
+        for layer in self.text_layers[text_done:]:
+            text = layer(text, text_mask)
+        for layer in self.vision_layers[vision_done:]:
+            regions = layer(regions, region_mask)
+        if self.cfg.cross.kind == "lxmert":
+            for cross_layer in self.cross_layers:
+                text, regions = cross_layer(text, text_mask, regions, region_mask)
+        if self.text_final_norm is not None:
+            text, regions = self.text_final_norm(text), self.vision_final_norm(regions)
+        return text, regions
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> VLOutput:
+        inputs = read_batch(batch, self.cfg)
+        attention_mask, region_mask = inputs["attention_mask"], inputs["region_mask"]
+        text = self.text_embeddings(inputs["input_ids"], inputs["token_type_ids"])  # (B, T, H_t)
+        regions = embed_regions(self.cfg, self.text_embeddings, self.region_embeddings,
+                                inputs["region_feats"], inputs["region_boxes"])  # (B, R, H_v)
+        text_hidden, region_hidden = self._run_streams(
+            text, key_padding_mask(attention_mask), regions, key_padding_mask(region_mask))
+        if self.cfg.pooling == "text_cls":
+            return VLOutput(
+                text_hidden=text_hidden,
+                region_hidden=region_hidden,
+                pooled=self.pooler(text_hidden),
+                pooled_text=masked_mean(text_hidden, attention_mask),
+                pooled_region=masked_mean(region_hidden, region_mask),
+            )
+        pooled_text = torch.relu(self.text_pooler(text_hidden[:, 0]))  # (B, H)
+        pooled_region = torch.relu(self.vision_pooler(region_hidden[:, 0]))  # (B, H)
+        return VLOutput(text_hidden=text_hidden, region_hidden=region_hidden, pooled=pooled_text * pooled_region,
+                        pooled_text=pooled_text, pooled_region=pooled_region)

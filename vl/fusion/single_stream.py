@@ -1,0 +1,111 @@
+"""Single-stream fusion: text tokens and region tokens concatenated through one shared transformer.
+
+VisualBERT and UNITER are two configurations of ``SingleStreamModel`` (see ``configs/visualbert-*.yaml`` and
+``configs/uniter-*.yaml``):
+
+- VisualBERT: region token = LN_text(Linear(feature) + visual_type[1] + visual_position[0]); no box input; the
+  LayerNorm is the text embeddings' own. With ``region.geometry: none, type_embedding: own,
+  position_embedding: true, final_norm: text, part_norm: false`` the model reproduces Hugging Face's
+  ``VisualBertModel`` exactly (``vl.checkpoints.hf_vl`` loads its checkpoints).
+- UNITER: region token = LN(LN(Linear(feature)) + LN(Linear(7-d geometry)) + text_type[1]).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from vl.encoders.regions import RegionEmbeddings
+from vl.encoders.text import Pooler
+from vl.encoders.transformer import TextEmbeddings, TransformerEncoder, init_bert_weights
+from vl.fusion.base import FusionConfig, VLOutput, key_padding_mask, masked_mean, read_batch
+
+
+def build_region_embeddings(cfg: FusionConfig, hidden_size: int) -> RegionEmbeddings:
+    """The ``RegionEmbeddings`` that ``cfg.region`` describes, of width ``hidden_size``."""
+    region, text = cfg.region, cfg.text
+    return RegionEmbeddings(
+        feature_dim=region.feature_dim,
+        geometry_dim=region.geometry_dim,
+        hidden_size=hidden_size,
+        layer_norm_eps=text.layer_norm_eps,
+        dropout=text.dropout,
+        combine=region.combine,
+        part_norm=region.part_norm,
+        final_norm=region.final_norm == "own",
+        num_types=text.type_vocab_size if region.type_embedding == "own" else 0,
+        type_id=region.type_id,
+        num_positions=text.max_position if region.position_embedding else 0,
+    )
+
+
+def embed_regions(cfg: FusionConfig, text_embeddings: TextEmbeddings, region_embeddings: RegionEmbeddings,
+                  region_feats: torch.Tensor, region_boxes: torch.Tensor | None) -> torch.Tensor:
+    """Region tokens (B, R, H), borrowing the text segment row / LayerNorm where ``cfg.region`` says so."""
+    type_embedding = None
+    if cfg.region.type_embedding == "text":
+        type_embedding = text_embeddings.token_type_embeddings.weight[cfg.region.type_id]  # (H,)
+    shared_norm = text_embeddings.norm if cfg.region.final_norm == "text" else None
+    return region_embeddings(region_feats, region_boxes, type_embedding=type_embedding, shared_norm=shared_norm)
+
+
+def init_visual_tables(text_embeddings: TextEmbeddings, region_embeddings: RegionEmbeddings) -> None:
+    """VisualBERT's "special visual initialisation": visual type / position tables start as the text ones."""
+    with torch.no_grad():
+        if region_embeddings.type_embeddings is not None:
+            region_embeddings.type_embeddings.weight.copy_(text_embeddings.token_type_embeddings.weight)
+        if region_embeddings.position_embeddings is not None:
+            region_embeddings.position_embeddings.weight.copy_(text_embeddings.position_embeddings.weight)
+
+
+class SingleStreamModel(nn.Module):
+    """[text; regions] -> one ``TransformerEncoder`` -> split back, and a [CLS] pooler.
+
+    ``model(batch) -> VLOutput`` with text_hidden (B, T, H), region_hidden (B, R, H), pooled (B, H) =
+    tanh(Linear(hidden[:, 0])), pooled_text / pooled_region = masked means of each part. Batch keys: see
+    ``vl.fusion.base``. Attention is bidirectional over every real token of both modalities.
+    """
+
+    def __init__(self, cfg: FusionConfig):
+        super().__init__()
+        if cfg.fusion != "single_stream":
+            raise ValueError(f"SingleStreamModel needs fusion 'single_stream', got '{cfg.fusion}'")
+        self.cfg = cfg
+        text = cfg.text
+        self.text_embeddings = TextEmbeddings(
+            text.vocab_size, text.hidden_size, text.max_position, text.type_vocab_size, text.pad_token_id,
+            text.layer_norm_eps, text.dropout,
+        )
+        self.region_embeddings = build_region_embeddings(cfg, text.hidden_size)
+        self.encoder = TransformerEncoder(
+            text.num_layers, text.hidden_size, text.num_heads, text.intermediate_size, text.dropout,
+            text.attn_dropout, text.layer_norm_eps, text.activation, text.pre_ln,
+        )
+        self.pooler = Pooler(text.hidden_size)
+        self.text_hidden_size = text.hidden_size
+        self.region_hidden_size = text.hidden_size
+        self.hidden_size = text.hidden_size
+        self.apply(lambda module: init_bert_weights(module, text.init_std))
+        init_visual_tables(self.text_embeddings, self.region_embeddings)
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> VLOutput:
+        inputs = read_batch(batch, self.cfg)
+        input_ids, attention_mask, region_mask = inputs["input_ids"], inputs["attention_mask"], inputs["region_mask"]
+        text_tokens = self.text_embeddings(input_ids, inputs["token_type_ids"])  # (B, T, H)
+        region_tokens = embed_regions(self.cfg, self.text_embeddings, self.region_embeddings,
+                                      inputs["region_feats"], inputs["region_boxes"])  # (B, R, H)
+        num_text = input_ids.shape[1]
+        joint_mask = None
+        if attention_mask is not None or region_mask is not None:
+            text_part = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+            region_part = region_mask if region_mask is not None else region_tokens.new_ones(region_tokens.shape[:2])
+            joint_mask = torch.cat([text_part.to(region_part.dtype), region_part], dim=1)  # (B, T + R)
+        hidden = self.encoder(torch.cat([text_tokens, region_tokens], dim=1), key_padding_mask(joint_mask))
+        text_hidden, region_hidden = hidden[:, :num_text], hidden[:, num_text:]  # (B, T, H), (B, R, H)
+        return VLOutput(
+            text_hidden=text_hidden,
+            region_hidden=region_hidden,
+            pooled=self.pooler(hidden),
+            pooled_text=masked_mean(text_hidden, attention_mask),
+            pooled_region=masked_mean(region_hidden, region_mask),
+        )
