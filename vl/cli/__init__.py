@@ -15,10 +15,14 @@ from vl.errors import UserError
 # Each module's ``add_parser(subparsers)`` registers its subcommand(s) and sets ``func`` on its parser.
 # Imported explicitly, in the order ``vl --help`` lists them.
 from vl.cli import convert as _convert
+from vl.cli import evaluate as _evaluate
+from vl.cli import finetune as _finetune
+from vl.cli import predict as _predict
+from vl.cli import pretrain_text as _pretrain_text
 from vl.cli import tokenizer as _tokenizer
 from vl.cli import world as _world
 
-COMMAND_MODULES = [_tokenizer, _world, _convert]
+COMMAND_MODULES = [_tokenizer, _world, _convert, _pretrain_text, _finetune, _predict, _evaluate]
 
 
 def build_parser(prog: str, modules, description: str) -> argparse.ArgumentParser:

@@ -179,18 +179,27 @@ class FeedForward(nn.Module):
 
 
 class Residual(nn.Module):
-    """One sublayer's residual wrapper: post-LN ``norm(x + drop(f(x)))`` (BERT) or pre-LN ``x + drop(f(norm(x)))``."""
+    """One sublayer's residual wrapper: post-LN ``norm(x + drop(f(x)))`` (BERT) or pre-LN ``x + drop(f(norm(x)))``.
+
+    ``adapter`` (None by default) is a module applied to the sublayer's output before the residual sum, where
+    ``vl.encoders.adapters.add_adapters`` puts bottleneck adapters: ``norm(x + adapter(drop(f(x))))``.
+    """
 
     def __init__(self, dim: int, dropout: float = 0.1, layer_norm_eps: float = 1e-12, pre_ln: bool = False):
         super().__init__()
         self.norm = nn.LayerNorm(dim, eps=layer_norm_eps)
         self.dropout = nn.Dropout(dropout)
         self.pre_ln = pre_ln
+        self.adapter: nn.Module | None = None
+
+    def _branch(self, y: torch.Tensor) -> torch.Tensor:
+        y = self.dropout(y)
+        return y if self.adapter is None else self.adapter(y)
 
     def forward(self, x: torch.Tensor, sublayer) -> torch.Tensor:
         if self.pre_ln:
-            return x + self.dropout(sublayer(self.norm(x)))
-        return self.norm(x + self.dropout(sublayer(x)))
+            return x + self._branch(sublayer(self.norm(x)))
+        return self.norm(x + self._branch(sublayer(x)))
 
 
 class TransformerLayer(nn.Module):

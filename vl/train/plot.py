@@ -1,0 +1,79 @@
+"""Draw a run's ``metrics.jsonl`` to a PNG: one small panel per logged metric, against the step."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+from vl.errors import UserError
+
+# Bookkeeping columns that are not curves worth a panel.
+_SKIP = {"step", "elapsed_s", "samples_per_s"}
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict[str, float]]:
+    """The rows of a ``metrics.jsonl`` file; a malformed line is a UserError naming the file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"metrics file not found: {path}")
+    rows = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            raise UserError(f"{path}:{number} is not a JSON line") from None
+        if not isinstance(row, dict) or "step" not in row:
+            raise UserError(f"{path}:{number} is not a metrics row with a 'step'")
+        rows.append(row)
+    return rows
+
+
+def plot_metrics(run_dir: str | os.PathLike, out: str | os.PathLike | None = None) -> Path:
+    """Write ``run_dir/loss.png`` (or ``out``) with the curve of every numeric metric in ``metrics.jsonl``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    run_dir = Path(run_dir)
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    names: list[str] = []
+    for row in rows:
+        for key, value in row.items():
+            if key not in _SKIP and key not in names and isinstance(value, (int, float)):
+                names.append(key)
+    if "loss" in names:  # the total first
+        names.remove("loss")
+        names.insert(0, "loss")
+    if not names:
+        raise UserError(f"{run_dir / 'metrics.jsonl'} holds no metrics to plot")
+    cols = min(3, len(names))
+    nrows = math.ceil(len(names) / cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(3.6 * cols, 2.5 * nrows), squeeze=False)
+    for index, name in enumerate(names):
+        ax = axes[index // cols][index % cols]
+        points = [(row["step"], row[name]) for row in rows if isinstance(row.get(name), (int, float))]
+        steps, values = zip(*points)
+        ax.plot(steps, values, marker="." if len(points) < 30 else None)
+        ax.set_title(name, fontsize=10)
+        ax.set_xlabel("step", fontsize=8)
+        ax.tick_params(labelsize=8)
+        ax.grid(alpha=0.3)
+    for index in range(len(names), nrows * cols):
+        axes[index // cols][index % cols].axis("off")
+    fig.suptitle(run_dir.name, fontsize=11)
+    fig.tight_layout()
+    out = Path(out) if out is not None else run_dir / "loss.png"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}.png")
+    try:
+        fig.savefig(tmp, dpi=90)
+        os.replace(tmp, out)
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
+    return out
