@@ -121,4 +121,4 @@ def test_fewer_shards_than_workers_splits_samples(shards):
 def test_strip_meta_separates_bookkeeping(shards):
     batch = next(iter(ShardStream(shards, StreamConfig(batch_size=2), ids_batch)))
     tensors, meta = strip_meta(batch)
-    assert set(tensors) == {"image_ids", "noise"} and set(meta) == {"_worker", "_index", "_faults"}
+    assert set(tensors) == {"image_ids", "noise"} and set(meta) == {"_worker", "_index", "_ordinal", "_faults"}

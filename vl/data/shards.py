@@ -22,14 +22,28 @@ store reads and no masking) up to that point, and rotates the workers so that th
 stopped. The replay is exact — the same shuffles, batches and masks in the same order — as long as the number of
 workers is the same as in the run that saved the state.
 
-Per-sample faults (a missing caption, unreadable JSON, a truncated tar) are warned, counted and skipped; the counts
-travel with every batch as ``_faults`` so that the main process can summarise them. ``max_consecutive_faults``
-consecutive failures stop the stream with an error.
+Per-sample faults (a missing caption, unreadable JSON, a truncated tar, and whatever ``check_record`` rejects, e.g.
+an image without features in the store) are warned, counted and skipped; the counts travel with every batch as
+``_faults`` so that the main process can summarise them. ``max_consecutive_faults`` consecutive failures stop the
+stream with an error.
+
+A "shard" may also be a COCO captions JSON file (``{"annotations": [{"image_id", "caption"}, ...]}``): it is read
+as one shard whose records are its annotations in file order.
+
+Each batch also carries ``_ordinal``: its position in the rank's round-robin batch order (the DataLoader takes
+worker 0's first batch, then worker 1's, ...), i.e. ``yielded * num_workers + worker``. It is the same on every
+rank for the same training step, so a ``make_batch`` that accepts an ``ordinal`` keyword can derive per-step
+choices from it (e.g. which pretraining task a batch serves) that all ranks agree on without communicating.
+
+With ``bucket_pool`` > 0, records are gathered into pools of that many, sorted by ``length_of(record)`` (token
+count) and cut into batches of similar lengths (of ``batch_size`` records, or as many as fit ``max_tokens`` padded
+tokens), whose order is then shuffled: UNITER's length bucketing, on a stream.
 """
 
 from __future__ import annotations
 
 import glob
+import inspect
 import json
 import os
 import random
@@ -111,6 +125,37 @@ class FaultCounter:
             raise UserError(f"{self.consecutive} consecutive bad samples in {self.where}; last: {message}")
 
 
+def read_caption_json_records(path: str, faults: FaultCounter, warn: bool = True) -> Iterator[CaptionRecord]:
+    """Caption records of a COCO captions JSON file (``annotations`` with ``image_id`` and ``caption``), in order.
+
+    An unreadable or malformed file is a UserError naming it; an annotation without a usable caption or image id
+    is a ``missing_caption`` fault.
+    """
+    try:
+        with open(path, encoding="utf-8") as handle:
+            data = json.load(handle)
+    except (OSError, ValueError) as err:
+        raise UserError(f"captions file {path} is not readable JSON: {str(err).splitlines()[0]}") from None
+    annotations = data.get("annotations") if isinstance(data, dict) else None
+    if not isinstance(annotations, list):
+        raise UserError(f"captions file {path} has no 'annotations' list (expected COCO captions JSON)")
+    for position, annotation in enumerate(annotations):
+        caption = annotation.get("caption") if isinstance(annotation, dict) else None
+        image_id = annotation.get("image_id") if isinstance(annotation, dict) else None
+        if not isinstance(caption, str) or not caption.strip() or not isinstance(image_id, (int, str)):
+            faults.fault("missing_caption", f"{path}: annotation {position} has no caption or image_id", warn)
+            continue
+        key = str(annotation.get("id", position))
+        yield CaptionRecord(image_id_of(key, {"image_id": image_id}), caption.strip(), key, path)
+
+
+def read_records(shard: str, caption_source: str, faults: FaultCounter, warn: bool = True) -> Iterator[CaptionRecord]:
+    """Caption records of a tar shard (``read_shard_records``) or a COCO captions ``.json`` file."""
+    if shard.lower().endswith(".json"):
+        return read_caption_json_records(shard, faults, warn)
+    return read_shard_records(shard, caption_source, faults, warn)
+
+
 def read_shard_records(shard: str, caption_source: str, faults: FaultCounter, warn: bool = True
                        ) -> Iterator[CaptionRecord]:
     """Caption records of one shard in file order; image bytes are skipped, not decoded.
@@ -166,6 +211,8 @@ class StreamConfig:
     caption_source: str = "json"  # "json": every caption in KEY.json's list; "txt": KEY.txt only
     max_consecutive_faults: int = 100  # stop after this many bad samples in a row; 0: never
     drop_last: bool = True  # drop an epoch's incomplete last batch (keeps every batch the same size)
+    bucket_pool: int = 0  # length bucketing: records sorted by length in pools of this many; 0: off
+    max_tokens: int = 0  # with bucketing: at most this many padded tokens per batch (and batch_size records); 0: off
 
     def __post_init__(self):
         if self.batch_size <= 0:
@@ -174,18 +221,30 @@ class StreamConfig:
             raise ValueError(f"caption_source must be 'json' or 'txt', got {self.caption_source!r}")
         if self.epochs < 0:
             raise ValueError(f"epochs must be >= 0, got {self.epochs}")
+        if self.bucket_pool < 0 or self.max_tokens < 0:
+            raise ValueError(f"bucket_pool and max_tokens must be >= 0, got {self.bucket_pool}, {self.max_tokens}")
+        if self.max_tokens and not self.bucket_pool:
+            raise ValueError("max_tokens needs length bucketing (bucket_pool > 0)")
+        if self.bucket_pool and self.bucket_pool < self.batch_size:
+            raise ValueError(f"bucket_pool {self.bucket_pool} must hold at least one batch ({self.batch_size})")
 
 
 class ShardStream(IterableDataset):
     """Batches from image-caption shards, split by rank and worker, with an exact resumable position.
 
-    make_batch(records, batch_index, generator) -> dict of tensors, or None to skip the batch (e.g. every
-    record's features missing). It runs in the worker, after the replay point, so expensive work (store reads,
-    tokenisation, masking) is never done for batches that a resumed run has already consumed.
+    make_batch(records, batch_index, generator[, ordinal=...]) -> dict of tensors, or None to skip the batch (e.g.
+    every record unreadable). It runs in the worker, after the replay point, so expensive work (store reads,
+    tokenisation, masking) is never done for batches that a resumed run has already consumed. It receives the
+    batch's ``ordinal`` (see the module docstring) when its signature has that parameter.
+    check_record(record) -> None, or (kind, message) to skip the record as a fault of that kind (e.g. no features
+    in the store). It also runs while replaying, so it should be cheap (an index lookup, not a read).
+    length_of(record) -> int: the record's token count, for length bucketing (``cfg.bucket_pool``).
     """
 
     def __init__(self, shards: list[str], cfg: StreamConfig, make_batch: Callable[..., dict | None], seed: int = 0,
-                 rank: int = 0, world_size: int = 1):
+                 rank: int = 0, world_size: int = 1,
+                 check_record: Callable[[CaptionRecord], tuple[str, str] | None] | None = None,
+                 length_of: Callable[[CaptionRecord], int] | None = None):
         super().__init__()
         if not shards:
             raise UserError("no shards to read")
@@ -195,11 +254,28 @@ class ShardStream(IterableDataset):
         self.seed = seed
         self.rank = rank
         self.world_size = world_size
-        self.start: dict[int, int] = {}  # worker id -> batches already consumed
+        self.check_record = check_record
+        self.length_of = length_of
+        if cfg.bucket_pool and length_of is None:
+            raise UserError("length bucketing (bucket_pool > 0) needs a length_of function")
+        self.start: dict[int, int] = {}  # worker id -> batches already consumed (by batch index)
+        self.yielded: dict[int, int] | None = None  # worker id -> batches it yielded that were consumed
+        try:
+            self._takes_ordinal = "ordinal" in inspect.signature(make_batch).parameters
+        except (TypeError, ValueError):
+            self._takes_ordinal = False
 
-    def resume_from(self, consumed: dict[int, int] | dict[str, int]) -> None:
-        """Skip, per worker, the batches a previous run consumed (``{worker: count}`` from the loop's state)."""
+    def resume_from(self, consumed: dict[int, int] | dict[str, int],
+                    yielded: dict[int, int] | dict[str, int] | None = None) -> None:
+        """Skip, per worker, the batches a previous run consumed.
+
+        consumed: ``{worker: _index + 1}`` of the last batch consumed from each worker.
+        yielded: ``{worker: batches consumed from it}``; differs from ``consumed`` only when ``make_batch`` skipped
+        batches (returned None). It sets where the round-robin order continues and the ordinals; without it,
+        ``consumed`` is used.
+        """
         self.start = {int(k): int(v) for k, v in consumed.items()}
+        self.yielded = {int(k): int(v) for k, v in yielded.items()} if yielded is not None else None
 
     def _my_shards(self, epoch: int, worker: int, num_workers: int) -> tuple[list[str], int, int]:
         """This consumer's shards for an epoch, and (keep_every, keep_offset) for sample-level splitting."""
@@ -222,10 +298,15 @@ class ShardStream(IterableDataset):
             buffer: list[CaptionRecord] = []
             produced = 0
             for shard in shards:
-                for position, record in enumerate(read_shard_records(shard, self.cfg.caption_source, faults,
-                                                                     warn=not replaying())):
+                for position, record in enumerate(read_records(shard, self.cfg.caption_source, faults,
+                                                               warn=not replaying())):
                     if keep_every > 1 and position % keep_every != keep_offset:
                         continue
+                    if self.check_record is not None:
+                        problem = self.check_record(record)
+                        if problem is not None:
+                            faults.fault(problem[0], problem[1], warn=not replaying())
+                            continue
                     produced += 1
                     if self.cfg.shuffle_buffer > 1:
                         buffer.append(record)
@@ -246,40 +327,96 @@ class ShardStream(IterableDataset):
             epoch += 1
             yield epoch, None  # epoch boundary marker
 
+    def _bucketed(self, pool: list[CaptionRecord], rng: random.Random, final: bool
+                  ) -> tuple[list[list[CaptionRecord]], list[CaptionRecord]]:
+        """Cut a pool into batches of similar length, in shuffled order; returns (batches, records carried over).
+
+        Unless ``final`` (the epoch's end), the last batch is carried over into the next pool, so that every batch
+        but an epoch's last is full.
+        """
+        lengths = [self.length_of(record) for record in pool]
+        order = sorted(range(len(pool)), key=lambda i: lengths[i])  # stable: ties keep stream order
+        batches: list[list[CaptionRecord]] = []
+        current: list[CaptionRecord] = []
+        longest = 0
+        for i in order:
+            grown = max(longest, lengths[i])
+            too_many_tokens = self.cfg.max_tokens and current and grown * (len(current) + 1) > self.cfg.max_tokens
+            if len(current) >= self.cfg.batch_size or too_many_tokens:
+                batches.append(current)
+                current, grown = [], lengths[i]
+            current.append(pool[i])
+            longest = grown
+        carry: list[CaptionRecord] = []
+        if final:
+            if current and not self.cfg.drop_last:
+                batches.append(current)
+        else:
+            carry = current
+        rng.shuffle(batches)
+        return batches, carry
+
+    def _record_batches(self, worker: int, num_workers: int, faults: FaultCounter, replaying: Callable[[], bool]
+                        ) -> Iterator[list[CaptionRecord]]:
+        """This consumer's batches of records, in order (before ``make_batch``)."""
+        pending: list[CaptionRecord] = []
+        pool_size = self.cfg.bucket_pool
+        epoch, pool_number = 0, 0
+        for next_epoch, record in self._records(worker, num_workers, faults, replaying):
+            if record is not None:
+                pending.append(record)
+                faults.ok()
+                if pool_size:
+                    if len(pending) >= pool_size:
+                        rng = random.Random(f"{self.seed}-buckets-{epoch}-{self.rank}-{worker}-{pool_number}")
+                        pool_number += 1
+                        batches, pending = self._bucketed(pending, rng, final=False)
+                        yield from batches
+                elif len(pending) >= self.cfg.batch_size:
+                    yield pending
+                    pending = []
+                continue
+            if pool_size:  # the epoch's end: flush the pool
+                rng = random.Random(f"{self.seed}-buckets-{epoch}-{self.rank}-{worker}-end")
+                batches, _ = self._bucketed(pending, rng, final=True)
+                yield from batches
+            elif pending and not self.cfg.drop_last:
+                yield pending
+            pending = []
+            epoch, pool_number = next_epoch, 0
+
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
         loader_worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
         # The DataLoader takes batches from its workers in turn, starting at worker 0. A fresh run's batch g comes
         # from worker g % n; a resumed run that consumed C batches must start at worker C % n, so rotate.
-        worker = (loader_worker + sum(self.start.values())) % num_workers
+        yielded_before = self.yielded if self.yielded is not None else self.start
+        worker = (loader_worker + sum(yielded_before.values())) % num_workers
         skip = self.start.get(worker, 0)
+        yielded = yielded_before.get(worker, 0)
         faults = FaultCounter(self.cfg.max_consecutive_faults, f"rank {self.rank} worker {worker}")
         batch_index = 0
-        pending: list[CaptionRecord] = []
 
         def replaying() -> bool:
             return batch_index < skip
 
-        for _, record in self._records(worker, num_workers, faults, replaying):
-            if record is not None:
-                pending.append(record)
-                faults.ok()
-                if len(pending) < self.cfg.batch_size:
-                    continue
-            elif not pending or self.cfg.drop_last:
-                pending = []
-                continue
-            records, pending = pending, []
+        for records in self._record_batches(worker, num_workers, faults, replaying):
             index = batch_index
             batch_index += 1
             if index < skip:
                 continue  # replaying a consumed batch: no store reads, no masking
             generator = torch.Generator().manual_seed(hash_seed(self.seed, self.rank, worker, index))
-            batch = self.make_batch(records, index, generator)
+            ordinal = yielded * num_workers + worker
+            if self._takes_ordinal:
+                batch = self.make_batch(records, index, generator, ordinal=ordinal)
+            else:
+                batch = self.make_batch(records, index, generator)
             if batch is None:
                 continue
+            yielded += 1
             batch["_worker"] = worker
             batch["_index"] = index
+            batch["_ordinal"] = ordinal
             batch["_faults"] = dict(faults.counts)
             yield batch
 

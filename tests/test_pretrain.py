@@ -1,0 +1,461 @@
+"""VL pretraining: batches from shards + store, task mixing, exact resume, DDP equivalence, faults, stopping."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tarfile
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from region_features.store import FeatureStore
+from vl.checkpoints.io import load_state_file
+from vl.data.shards import CaptionRecord, ShardStream, StreamConfig, expand_shards
+from vl.data.vl_batches import PretrainBatchMaker, PretrainDataConfig, PretrainStream, TaskMixer
+from vl.data.vl_masking import VLBatchPlan
+from vl.data.world_features import write_world_features
+from vl.errors import UserError
+from vl.text.tokenizer import Tokenizer
+from vl.train.loop import TrainConfig, TrainingStopped, latest_checkpoint, list_checkpoints, train
+from vl.train.plot import read_metrics
+from vl.train.pretrain_vl import load_pretrain_config, pretrain_vl
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = ROOT / "configs" / "pretrain-uniter-tiny.yaml"
+# Small and fast: batches of 8, 2 workers, every step logged.
+FAST = ["train.batch_size=8", "train.log_every=1", "data.num_workers=2", "data.shuffle_buffer=64",
+        "data.prefetch_factor=2"]
+TIMING_KEYS = {"elapsed_s", "samples_per_s"}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread (and two threads on a busy 2-core machine spin badly)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def features(world, tmp_path_factory) -> Path:
+    return write_world_features(world, tmp_path_factory.mktemp("features") / "store", splits=("train", "val"))
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(world, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("tokenizer")
+    Tokenizer.train([world.corpus_split("train")], 300).save(out)
+    return out
+
+
+def run(world, features, tokenizer_dir, out, overrides, config=CONFIG, **kwargs):
+    cfg = load_pretrain_config(config, FAST + list(overrides))
+    kwargs.setdefault("shards", world.shard_pattern("train"))
+    return pretrain_vl(cfg, out, str(features), tokenizer_dir=str(tokenizer_dir), plot=False, **kwargs)
+
+
+def curve(run_dir: Path) -> list[dict]:
+    return [{k: v for k, v in row.items() if k not in TIMING_KEYS} for row in read_metrics(run_dir / "metrics.jsonl")]
+
+
+# ------------------------------------------------------------------------------------------------- batches, tasks
+
+
+def maker_for(world, features, tokenizer_dir, mix, **data):
+    tokenizer = Tokenizer.from_dir(tokenizer_dir)
+    plans = {"mlm": VLBatchPlan(mask_text=True), "mrfr": VLBatchPlan(mask_regions=True),
+             "itm": VLBatchPlan(itm_negatives=True)}
+    cfg = PretrainDataConfig(**data)
+    return PretrainBatchMaker(tokenizer, FeatureStore(features), cfg, TaskMixer(mix, seed=3), plans,
+                              geometry="uniter7", with_class_probs=True)
+
+
+def test_batches_join_store_tokenize_and_mask(world, features, tokenizer_dir):
+    maker = maker_for(world, features, tokenizer_dir, {"mlm": 1.0, "mrfr": 1.0, "itm": 1.0}, max_regions=4)
+    records = [CaptionRecord(image_id, "a large blue cross", str(image_id), "x")
+               for image_id in list(FeatureStore(features).ids())[:6]]
+    tasks = {}
+    for ordinal in range(12):
+        batch = maker(records, ordinal, torch.Generator().manual_seed(ordinal), ordinal=ordinal)
+        tasks[batch["task"]] = batch
+        assert batch["region_feats"].shape[:2] == batch["region_mask"].shape and batch["region_feats"].shape[1] <= 4
+        assert batch["region_boxes"].shape[-1] == 7 and batch["input_ids"][0, 0] == maker.tokenizer.cls_id
+    assert set(tasks) == {"mlm", "mrfr", "itm"}
+    assert (tasks["mlm"]["mlm_labels"] != -100).any() and "itm_labels" not in tasks["mlm"]
+    assert tasks["mrfr"]["mrm_mask"].any() and "mrm_class_targets" in tasks["mrfr"]
+    assert (tasks["itm"]["itm_labels"] == 0).any() and "mlm_labels" not in tasks["itm"]
+
+
+def test_summed_tasks_mask_mismatched_pairs_too_so_masking_does_not_reveal_the_label(world, features,
+                                                                                     tokenizer_dir):
+    maker = maker_for(world, features, tokenizer_dir, {"all": 1.0})
+    maker.plans["all"] = VLBatchPlan(mask_text=True, mask_regions=True, itm_negatives=True)
+    records = [CaptionRecord(image_id, "a large blue cross left of a red circle", str(image_id), "x")
+               for image_id in list(FeatureStore(features).ids())[:16]]
+    batch = maker(records, 0, torch.Generator().manual_seed(0), ordinal=0)
+    mismatched = batch["itm_labels"] == 0
+    masked_text = (batch["input_ids"] == maker.tokenizer.mask_id).any(dim=1)
+    zeroed = ((batch["region_feats"].abs().sum(-1) == 0) & batch["region_mask"].bool()).any(dim=1)
+    assert mismatched.any() and (masked_text | zeroed)[mismatched].float().mean() > 0.5
+    assert (batch["mlm_labels"][mismatched] == -100).all() and not batch["mrm_mask"][mismatched].any()
+
+
+def test_tasks_agree_across_ranks_and_follow_mix_ratios(world, features, tokenizer_dir):
+    mixer = TaskMixer({"mlm": 3.0, "itm": 1.0}, seed=5)
+    draws = [mixer.task_for(g) for g in range(4000)]
+    assert draws == [TaskMixer({"mlm": 3.0, "itm": 1.0}, seed=5).task_for(g) for g in range(4000)]
+    assert 0.70 < draws.count("mlm") / len(draws) < 0.80
+    maker = maker_for(world, features, tokenizer_dir, {"mlm": 1.0, "itm": 1.0})
+    shards = expand_shards(world.shard_pattern("train"))
+    per_rank = []
+    for rank in (0, 1):
+        stream = ShardStream(shards, StreamConfig(batch_size=4, shuffle_buffer=16), maker, seed=1, rank=rank,
+                             world_size=2, check_record=maker.check_record)
+        data = PretrainStream(stream, num_workers=2, prefetch_factor=2)
+        tasks = []
+        for batch in data:
+            tasks.append(batch["task"])
+            if len(tasks) == 8:
+                break
+        per_rank.append(tasks)
+    assert per_rank[0] == per_rank[1] and len(set(per_rank[0])) == 2
+
+
+def test_length_bucketing_groups_similar_lengths_and_resumes(world, features, tokenizer_dir):
+    maker = maker_for(world, features, tokenizer_dir, {"mlm": 1.0})
+    shards = expand_shards(world.shard_pattern("train"))
+    cfg = StreamConfig(batch_size=8, shuffle_buffer=0, epochs=1, bucket_pool=64, max_tokens=120)
+
+    def stream():
+        return ShardStream(shards, cfg, maker, seed=2, check_record=maker.check_record, length_of=maker.length_of)
+
+    batches = list(PretrainStream(stream(), num_workers=0))
+    lengths = [int(b["attention_mask"].sum(dim=1).max()) * b["input_ids"].shape[0] for b in batches]
+    assert max(lengths) <= 120
+    spread = [int(b["attention_mask"].sum(1).max() - b["attention_mask"].sum(1).min()) for b in batches]
+    assert sum(spread) / len(spread) <= 3  # sorted pools: captions of a batch have nearly equal lengths
+    first = PretrainStream(stream(), num_workers=0)
+    iterator = iter(first)
+    for _ in range(3):
+        next(iterator)
+    resumed = PretrainStream(stream(), num_workers=0)
+    resumed.load_state_dict(first.state_dict())
+    assert torch.equal(next(iter(resumed))["input_ids"], batches[3]["input_ids"])
+
+
+# ---------------------------------------------------------------------------------------------------- exact resume
+
+
+def test_exact_resume_and_resume_twice(world, features, tokenizer_dir, tmp_path):
+    steps = ["train.schedule=constant", "train.warmup_steps=2", "train.save_every=3", "train.keep_last=0",
+             "train.grad_accum_steps=2"]
+    run(world, features, tokenizer_dir, tmp_path / "once", steps + ["train.steps=9"])
+    for total in (3, 6, 9):  # interrupted twice, resumed twice
+        run(world, features, tokenizer_dir, tmp_path / "twice", steps + [f"train.steps={total}"])
+    assert [row["step"] for row in curve(tmp_path / "twice")] == list(range(1, 10))
+    assert curve(tmp_path / "twice") == curve(tmp_path / "once")  # bit-identical per-step losses
+    objectives = {"mlm", "mrfr", "mrc_kl", "itm", "wra"}
+    assert len({tuple(sorted(objectives & set(row))) for row in curve(tmp_path / "once")}) >= 2  # several tasks
+    final_once = load_state_file(tmp_path / "once" / "model.safetensors")
+    final_twice = load_state_file(tmp_path / "twice" / "model.safetensors")
+    assert final_once.keys() == final_twice.keys()
+    assert all(torch.equal(final_once[key], final_twice[key]) for key in final_once)
+    state = torch.load(latest_checkpoint(tmp_path / "twice") / "train_state.pt", weights_only=True)
+    assert state["data"]["num_workers"] == 2 and sum(state["data"]["yielded"].values()) == 18  # 9 steps x 2
+
+
+# ------------------------------------------------------------------------------------------------------------ DDP
+
+DDP_SCRIPT = textwrap.dedent('''
+    import sys, torch
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
+    from vl.train.loop import TrainConfig, train
+    from vl.train.pretrain_vl import VLPretrainer, load_pretrain_config, build_model
+    from vl.objectives import build_objective
+
+
+    def main(batches_file, out, config):
+        accelerator = Accelerator(cpu=True,
+                                  kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+        rank, world = accelerator.process_index, accelerator.num_processes
+        cfg = load_pretrain_config(config, ["model.text.dropout=0.0", "model.text.attn_dropout=0.0",
+                                            "model.text.vocab_size=300", "data.mix=sum",
+                                            "objectives={mlm: {}, mrfr: {}, itm: {}}"])
+        torch.manual_seed(0)
+        model, _, _ = build_model(cfg, None)
+        objectives = {name: build_objective(name, model, spec.options) for name, spec in cfg.objectives.items()}
+        module = VLPretrainer(model, objectives, {"all": tuple(objectives)})
+        full = torch.load(batches_file, weights_only=True)
+        size = full[0]["input_ids"].shape[0] // world
+        data = [{**{k: v[rank * size:(rank + 1) * size] for k, v in b.items()}, "task": "all"} for b in full]
+        train_cfg = TrainConfig(steps=len(data), batch_size=size, lr=1e-3, log_every=1, save_every=0, cpu=True)
+        train(module, data, train_cfg, out, loss_weights={n: 1.0 for n in objectives}, accelerator=accelerator,
+              plot=False)
+
+
+    if __name__ == "__main__":
+        main(*sys.argv[1:4])
+''')
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_ddp_two_processes_equal_one_process_on_the_concatenated_batch(world, features, tokenizer_dir, tmp_path):
+    maker = maker_for(world, features, tokenizer_dir, {"mlm": 1.0})
+    records = [CaptionRecord(image_id, caption, str(i), "x") for i, (image_id, caption) in enumerate(
+        (int(a["image_id"]), a["caption"]) for a in json.loads(world.captions("train").read_text())["annotations"])]
+    batches = []
+    for step in range(2):
+        batch = maker.collate(records[step * 8:(step + 1) * 8])
+        batch.pop("region_class_probs")
+        batch.pop("image_ids")
+        size = batch["input_ids"].shape[0]  # the same number of targets in each half: one token, one region each
+        batch["mlm_labels"] = torch.full_like(batch["input_ids"], -100)
+        batch["mlm_labels"][:, 1] = batch["input_ids"][:, 1]
+        batch["input_ids"][:, 1] = maker.tokenizer.mask_id
+        batch["mrm_mask"] = torch.zeros(batch["region_mask"].shape, dtype=torch.bool)
+        batch["mrm_mask"][:, 0] = True
+        batch["mrm_feat_targets"] = batch["region_feats"].clone()
+        batch["region_feats"][:, 0] = 0.0
+        batch["itm_labels"] = torch.tensor([1, 0] * (size // 2))
+        batch["region_boxes"] = batch["region_boxes"][..., :4]
+        batches.append(batch)
+    torch.save(batches, tmp_path / "batches.pt")
+    script = tmp_path / "ddp_step.py"
+    script.write_text(DDP_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    namespace: dict = {"__name__": "ddp_step"}
+    exec(compile(DDP_SCRIPT, str(script), "exec"), namespace)  # the single-process reference, in this process
+    namespace["main"](str(tmp_path / "batches.pt"), str(tmp_path / "single"), str(CONFIG))
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+              str(free_port()), str(script), str(tmp_path / "batches.pt"), str(tmp_path / "ddp"), str(CONFIG)]
+    ddp = subprocess.run(launch, env=env, capture_output=True, text=True, timeout=240)
+    assert ddp.returncode == 0, ddp.stderr[-2000:]
+    one, two = (load_state_file(tmp_path / name / "model.safetensors") for name in ("single", "ddp"))
+    assert one.keys() == two.keys()
+    for key in one:
+        torch.testing.assert_close(two[key], one[key], rtol=1e-4, atol=2e-5, msg=key)
+    losses = [[row["loss"] for row in read_metrics(tmp_path / name / "metrics.jsonl")] for name in ("single", "ddp")]
+    assert len(losses[1]) == 2 and losses[0] == pytest.approx(losses[1], rel=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------- faults
+
+
+def write_shard(path: Path, samples: list[tuple[str, dict]]) -> None:
+    with tarfile.open(path, "w") as tar:
+        for key, members in samples:
+            for ext, payload in members.items():
+                data = payload if isinstance(payload, bytes) else payload.encode()
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+
+
+def world_samples(world, count: int) -> list[tuple[int, list[str]]]:
+    captions: dict[int, list[str]] = {}
+    for annotation in json.loads(world.captions("train").read_text())["annotations"]:
+        captions.setdefault(int(annotation["image_id"]), []).append(annotation["caption"])
+    return list(captions.items())[:count]
+
+
+def good(key: str, image_id: int, captions: list[str]) -> tuple[str, dict]:
+    return key, {"jpg": b"\xff\xd8", "json": json.dumps({"image_id": image_id, "captions": captions})}
+
+
+def test_faults_are_warned_counted_skipped_and_summarised(world, features, tokenizer_dir, tmp_path, capfd):
+    samples = world_samples(world, 12)
+    missing_id = 10**9  # an image the store does not hold
+    shard = [good(f"{i:04d}", image_id, caps[:2]) for i, (image_id, caps) in enumerate(samples)]
+    shard.insert(3, ("bad1", {"json": "{not json"}))
+    shard.insert(6, ("bad2", {"json": json.dumps({"image_id": samples[0][0]})}))  # no caption anywhere
+    shard.insert(9, ("bad3", {"json": json.dumps({"image_id": missing_id, "captions": ["a red circle"]})}))
+    write_shard(tmp_path / "faulty-000000.tar", shard)
+    run(world, features, tokenizer_dir, tmp_path / "run", ["train.steps=2", "data.num_workers=0",
+                                                           "data.shuffle_buffer=0"],
+        shards=str(tmp_path / "faulty-000000.tar"))
+    err = capfd.readouterr().err
+    assert "bad1.json" in err and "bad2 has no caption" in err and f"image {missing_id} has no features" in err
+    summary = json.loads((tmp_path / "run" / "faults.json").read_text())
+    assert summary["skipped"] == {"bad_json": 1, "missing_caption": 1, "missing_features": 1}
+    assert "skipped 3 samples" in err
+
+
+def test_consecutive_faults_stop_after_saving(world, features, tokenizer_dir, tmp_path):
+    samples = world_samples(world, 6)
+    shard = [good(f"{i:04d}", image_id, caps[:2]) for i, (image_id, caps) in enumerate(samples)]  # 12 captions
+    shard += [(f"gone{i}", {"json": json.dumps({"image_id": 10**9 + i, "captions": ["x"]})}) for i in range(10)]
+    write_shard(tmp_path / "bad-000000.tar", shard)
+    with pytest.raises(UserError, match="5 consecutive bad samples"):
+        run(world, features, tokenizer_dir, tmp_path / "run",
+            ["train.steps=20", "train.batch_size=4", "train.save_every=100", "data.num_workers=0",
+             "data.shuffle_buffer=0", "data.max_consecutive_faults=5", "data.shuffle_shards=false"],
+            shards=str(tmp_path / "bad-000000.tar"))
+    assert [step for step, _ in list_checkpoints(tmp_path / "run")] == [3]  # saved by the stop, not by schedule
+
+
+# ------------------------------------------------------------------------------------------- non-finite losses
+
+
+class Scaled(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(3, 1)
+
+    def forward(self, batch):
+        return {"loss": self.linear(batch["x"]).pow(2).mean() * batch["scale"]}
+
+
+def test_nonfinite_loss_skips_the_update_then_stops_after_saving(tmp_path):
+    nan = float("nan")
+    batches = [{"x": torch.ones(2, 3), "scale": torch.tensor(s)} for s in (1.0, nan, 1.0, nan, nan, nan, 1.0)]
+    cfg = TrainConfig(steps=7, batch_size=2, lr=0.1, log_every=1, save_every=0, max_nonfinite_steps=3)
+    model = Scaled()
+    with pytest.raises(TrainingStopped, match="non-finite in 3 consecutive steps"):
+        train(model, batches, cfg, tmp_path, loss_weights={"loss": 1.0}, plot=False)
+    rows = read_metrics(tmp_path / "metrics.jsonl")
+    assert [row["step"] for row in rows] == [1, 2, 3, 4, 5]  # step 6's row is not written: it stops first
+    assert rows[1].get("nonfinite_skipped") == 1 and "loss" not in rows[1]
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert [step for step, _ in list_checkpoints(tmp_path)] == [6]
+    skipped = Scaled()
+    skipped.load_state_dict(model.state_dict())
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    train(skipped, [batches[1]], TrainConfig(steps=1, batch_size=2, lr=0.1, save_every=0), tmp_path / "one",
+          loss_weights={"loss": 1.0}, plot=False)
+    assert all(torch.equal(before[k], v) for k, v in skipped.state_dict().items())  # no update from a NaN step
+
+
+# ------------------------------------------------------------------------------------ kill, relaunch, continue
+
+
+def test_sigterm_saves_then_relaunch_resumes(world, features, tokenizer_dir, tmp_path):
+    """Start ``vl pretrain``, SIGTERM it once it has saved, relaunch the same command, stop it again: the run
+    continues where it stopped and every step is logged exactly once."""
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "vl", "pretrain", "--config", str(CONFIG), "--shards",
+               world.shard_pattern("train"), "--features", str(features), "--out", str(out), "--tokenizer",
+               str(tokenizer_dir)] + [arg for item in FAST + ["train.steps=100000", "train.save_every=4"]
+                                      for arg in ("--set", item)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+
+    def run_until_saved_beyond(step: int) -> tuple[int, str]:
+        process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and process.poll() is None:
+            if list_checkpoints(out) and list_checkpoints(out)[-1][0] > step:
+                break
+            time.sleep(0.1)
+        assert process.poll() is None, process.communicate()[1][-2000:]
+        process.send_signal(signal.SIGTERM)
+        stdout, stderr = process.communicate(timeout=120)
+        assert process.returncode == 130, stderr[-2000:]
+        assert "stopped by SIGTERM" in stdout + stderr
+        return list_checkpoints(out)[-1][0], stdout + stderr
+
+    first_stop, _ = run_until_saved_beyond(0)
+    second_stop, output = run_until_saved_beyond(first_stop)
+    assert f"resuming from {out / 'checkpoints' / f'step-{first_stop}'} (step {first_stop})" in output
+    assert second_stop > first_stop >= 4
+    assert [row["step"] for row in read_metrics(out / "metrics.jsonl")] == list(range(1, second_stop + 1))
+    state = torch.load(out / "checkpoints" / f"step-{second_stop}" / "train_state.pt", weights_only=True)
+    assert state["step"] == second_stop and sum(state["data"]["yielded"].values()) == second_stop
+
+
+# ------------------------------------------------------------------------------------------ sources, CLI, learning
+
+
+def test_coco_captions_source_and_cli_errors(world, features, tokenizer_dir, tmp_path, capsys):
+    from vl.cli import main
+
+    result = run(world, features, tokenizer_dir, tmp_path / "coco", ["train.steps=2", "data.num_workers=0",
+                                                                      "train.precision=bf16"],
+                 shards=None, captions=str(world.captions("train")))
+    assert result.step == 2 and all(math.isfinite(row["loss"]) for row in result.history if "loss" in row)
+    assert main(["pretrain", "--config", str(CONFIG), "--shards", world.shard_pattern("train"), "--features",
+                 str(tmp_path / "nowhere"), "--out", str(tmp_path / "x")]) == 2
+    assert "nowhere" in capsys.readouterr().err
+    code = main(["pretrain", "--config", str(CONFIG), "--shards", world.shard_pattern("train"), "--features",
+                 str(features), "--out", str(tmp_path / "y"), "--tokenizer", str(tokenizer_dir), "--set",
+                 "model.region.feature_dim=32"])
+    assert code == 2 and "feature_dim" in capsys.readouterr().err
+    assert main(["plot", str(tmp_path / "coco")]) == 0 and (tmp_path / "coco" / "loss.png").is_file()
+
+
+def test_short_run_learns_on_the_world(world, features, tokenizer_dir, tmp_path):
+    """Cheap version of bench/pretrain_learning.py (which trains long enough for ITM and MRC to learn too):
+    dual-stream LXMERT-tiny, every objective summed at each step, held-out evaluation at steps 40 and 80."""
+    config = ROOT / "configs" / "pretrain-lxmert-tiny.yaml"
+    run(world, features, tokenizer_dir, tmp_path / "lxmert", ["train.steps=80", "train.batch_size=16",
+                                                              "train.lr=2e-3", "train.save_every=0",
+                                                              "train.eval_every=40"],
+        config=config, val_shards=world.shard_pattern("val"))
+    metrics = read_metrics(tmp_path / "lxmert" / "metrics.jsonl")
+    rows = [row for row in metrics if "loss" in row]
+    for name in ("loss", "mlm", "mrfr"):
+        first = sum(row[name] for row in rows[:10]) / 10
+        last = sum(row[name] for row in rows[-10:]) / 10
+        assert last < 0.9 * first, (name, first, last)
+    evaluations = [row for row in metrics if "val_mlm" in row]
+    assert [row["step"] for row in evaluations] == [40, 80] and 0.0 <= evaluations[-1]["val_itm_acc"] <= 1.0
+    assert evaluations[-1]["val_mlm"] < evaluations[0]["val_mlm"]
+
+
+def test_init_from_our_run_hf_visualbert_and_a_text_run(world, features, tokenizer_dir, tmp_path):
+    from vl.checkpoints.hf_vl import export_hf_vl
+    from vl.checkpoints.vl_run import load_vl_run, save_vl_run
+    from vl.encoders.bert import BertPretrainingModel
+    from vl.encoders.text import TextEncoderConfig
+    from vl.fusion.pretraining import build_pretraining_model
+
+    tiny = ["train.steps=1", "train.lr=1e-12", "train.warmup_steps=0", "data.num_workers=0", "train.save_every=0"]
+
+    def close(a: dict, b: dict, prefix: str = "") -> bool:
+        keys = [key for key in a if key.startswith(prefix) and key in b]
+        return bool(keys) and all(torch.allclose(a[key], b[key], atol=1e-6) for key in keys)
+
+    # our own run
+    run(world, features, tokenizer_dir, tmp_path / "base", ["train.steps=2", "data.num_workers=0"])
+    run(world, features, tokenizer_dir, tmp_path / "from-run", tiny, init=str(tmp_path / "base"))
+    assert close(load_state_file(tmp_path / "base" / "model.safetensors"),
+                 load_state_file(tmp_path / "from-run" / "model.safetensors"))
+
+    # a Hugging Face VisualBERT directory (exported from a tiny model; its tokenizer comes from --tokenizer)
+    visualbert_config = ROOT / "configs" / "pretrain-visualbert-tiny.yaml"
+    cfg = load_pretrain_config(visualbert_config, ["model.text.vocab_size=300"])
+    torch.manual_seed(3)
+    hf_dir = export_hf_vl(build_pretraining_model(cfg.model, cfg.heads), tmp_path / "hf-visualbert")
+    run(world, features, tokenizer_dir, tmp_path / "from-hf", tiny, config=visualbert_config, init=str(hf_dir))
+    exported = load_vl_run(tmp_path / "from-hf").state_dict()
+    torch.manual_seed(3)
+    original = build_pretraining_model(cfg.model, cfg.heads).state_dict()
+    assert close(original, exported, "fusion.")
+
+    # a text-only run: its encoder initialises the text stream, its shape the text config
+    text_cfg = TextEncoderConfig(vocab_size=300, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64,
+                                 max_position=64)
+    torch.manual_seed(4)
+    text_model = BertPretrainingModel(text_cfg)
+    save_vl_run(text_model, tmp_path / "text-run")
+    Tokenizer.from_dir(tokenizer_dir).save(tmp_path / "text-run")
+    run(world, features, tokenizer_dir, tmp_path / "from-text", tiny, init=str(tmp_path / "text-run"))
+    loaded = load_state_file(tmp_path / "from-text" / "model.safetensors")
+    assert torch.allclose(loaded["fusion.text_embeddings.word_embeddings.weight"],
+                          text_model.state_dict()["text_encoder.embeddings.word_embeddings.weight"], atol=1e-6)

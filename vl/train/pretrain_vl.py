@@ -1,0 +1,551 @@
+"""Vision-language pretraining (``vl pretrain``): shards + feature store -> multi-task batches -> the training loop.
+
+A run config (``configs/pretrain-*.yaml``) has the sections
+
+- ``model``: a ``FusionConfig`` mapping, or the path of a model config file (``configs/uniter-tiny.yaml``; relative
+  to the run config's directory, else to the working directory); ``heads``: a ``HeadsConfig`` (taken from that
+  file when the run config has none);
+- ``data``: ``vl.data.vl_batches.PretrainDataConfig`` (workers, shuffling, lengths, masking, task mixing);
+- ``objectives``: name -> ``{weight, mix, options}``: the loss weight, the task's mix ratio (``data.mix: sample``)
+  and the objective's constructor options (``vl.objectives.build_objective``);
+- ``train``: the loop's ``TrainConfig``;
+- ``tokenizer``: a tokenizer directory, optional (see ``resolve_tokenizer``).
+
+The run directory holds what the loop writes (``vl.train.loop``) plus ``vocab.txt`` / ``tokenizer_config.json``
+and ``faults.json`` (samples skipped, by kind). Its ``model.safetensors`` is a ``VLPretrainingModel`` state dict
+(``fusion.*``, ``heads.*``) and its ``config.yaml`` has ``model:`` and ``heads:`` sections, so it loads with
+``vl.checkpoints.vl_run.load_vl_run`` and serves as ``--init`` of fine-tuning or further pretraining.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from vl.config import ConfigError, apply_overrides, atomic_write_text, from_dict, read_yaml
+from vl.data.shards import FaultCounter, ShardStream, StreamConfig, expand_shards, read_records
+from vl.data.vl_batches import SUM_TASK, PretrainBatchMaker, PretrainDataConfig, PretrainStream, TaskMixer
+from vl.data.vl_masking import VLBatchPlan, concat_batches, unmask_batch
+from vl.errors import UserError
+from vl.fusion.base import FusionConfig
+from vl.fusion.pretraining import HeadsConfig, VLPretrainingModel, build_pretraining_model
+from vl.objectives import build_objective
+from vl.objectives.itm import mine_hard_negatives, pair_batch
+from vl.text.tokenizer import Tokenizer
+from vl.train.loop import TrainConfig, TrainResult, make_accelerator, seed_everything, train
+
+CAPTION_OBJECTIVES = ("mlm", "mrc", "mrc_kl", "mrfr", "itm", "wra")  # what image-caption data can train
+FAULTS_FILE = "faults.json"
+
+
+@dataclass(frozen=True)
+class ObjectiveSpec:
+    """One objective of a pretraining run (``objectives.<name>`` in YAML)."""
+
+    weight: float = 1.0  # weight of its loss in the summed loss
+    mix: float = 1.0  # data.mix "sample": relative frequency of batches serving this objective
+    options: dict[str, Any] = field(default_factory=dict)  # constructor options, e.g. mrfr {loss: smooth_l1}
+
+    def __post_init__(self):
+        if self.weight < 0 or self.mix < 0:
+            raise ValueError(f"weight and mix must be >= 0, got weight={self.weight}, mix={self.mix}")
+
+
+def _default_objectives() -> dict[str, ObjectiveSpec]:
+    return {"mlm": ObjectiveSpec(), "itm": ObjectiveSpec()}
+
+
+@dataclass(frozen=True)
+class VLPretrainConfig:
+    """A vision-language pretraining run (see the module docstring)."""
+
+    model: FusionConfig = field(default_factory=FusionConfig)
+    heads: HeadsConfig = field(default_factory=HeadsConfig)
+    data: PretrainDataConfig = field(default_factory=PretrainDataConfig)
+    objectives: dict[str, ObjectiveSpec] = field(default_factory=_default_objectives)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    tokenizer: str | None = None  # a tokenizer directory (vocab.txt); None: --init's, else trained on the captions
+    tokenizer_min_frequency: int = 2  # a tokenizer trained on the captions: least count of a merged piece
+    tokenizer_max_captions: int = 200_000  # ... trained on at most this many captions
+    # Recorded by the command, for reproducibility:
+    init: str | None = None
+    shards: str | None = None
+    features: str | None = None
+
+    def __post_init__(self):
+        if not self.objectives:
+            raise ValueError("objectives: list at least one objective")
+        for name in self.objectives:
+            if name not in CAPTION_OBJECTIVES:
+                known = ", ".join(CAPTION_OBJECTIVES)
+                extra = " ('qa' needs question-answer data, not captions)" if name == "qa" else ""
+                raise ValueError(f"objective '{name}' cannot be pretrained on image-caption data (known: {known})"
+                                 f"{extra}")
+        if self.data.mix == "sample" and not any(spec.mix > 0 for spec in self.objectives.values()):
+            raise ValueError("data.mix 'sample' needs an objective with mix > 0")
+
+
+def load_pretrain_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> VLPretrainConfig:
+    """Load a run config; ``model:`` may name a model config file, whose ``heads:`` are used when the run has none.
+
+    ``--set`` overrides address the run config's layout (``train.steps=10``, ``model.text.num_layers=2``); they
+    are applied after a referenced model file is read.
+    """
+    path = Path(path)
+    data = read_yaml(path)
+    source = str(path)
+    model = data.get("model")
+    if isinstance(model, str):
+        candidates = [path.parent / model, Path(model)]
+        model_path = next((p for p in candidates if p.is_file()), None)
+        if model_path is None:
+            raise ConfigError(f"model: file {model!r} named in {path} not found (looked in {path.parent} and "
+                              f"{Path.cwd()})")
+        model_data = read_yaml(model_path)
+        data["model"] = model_data.get("model", model_data)
+        if "heads" not in data and isinstance(model_data.get("heads"), dict):
+            data["heads"] = model_data["heads"]
+        source = f"{path} (model from {model_path})"
+    if overrides:
+        data = apply_overrides(data, list(overrides))
+        source = f"{source} (with --set {' '.join(overrides)})"
+    return from_dict(VLPretrainConfig, data, source=source)
+
+
+def _note(message: str) -> None:
+    print(f"pretrain: {message}", file=sys.stderr)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The trained module: fusion + heads, and the objectives of each task
+
+
+class VLPretrainer(nn.Module):
+    """The module the loop trains: ``forward(batch) -> {objective: loss}`` for the batch's ``task``.
+
+    Its state dict is exactly the ``VLPretrainingModel``'s (``fusion.*``, ``heads.*``): the objectives use the
+    model's heads and own no weights. ``tasks`` maps a task name to the objectives computed on its batches
+    (``"all"``: every objective, for ``data.mix: sum``). Computing the losses inside ``forward`` keeps the heads
+    in the graph that DistributedDataParallel follows.
+    """
+
+    def __init__(self, model: VLPretrainingModel, objectives: Mapping[str, nn.Module],
+                 tasks: Mapping[str, Sequence[str]]):
+        super().__init__()
+        self.fusion = model.fusion
+        self.heads = model.heads
+        own = {id(p) for p in model.parameters()}
+        for name, objective in objectives.items():
+            foreign = [n for n, p in objective.named_parameters() if id(p) not in own]
+            if foreign:
+                raise UserError(f"objective '{name}' has weights outside the model ({foreign[0]}); give it the "
+                                "model's head")
+        self.objectives = dict(objectives)  # not registered: their weights are the model's heads
+        self.tasks = {task: tuple(names) for task, names in tasks.items()}
+        object.__setattr__(self, "_model", model)
+
+    @property
+    def model(self) -> VLPretrainingModel:
+        """The ``VLPretrainingModel`` this trains (the same modules)."""
+        return self._model
+
+    def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        task = batch.get("task", SUM_TASK)
+        if task not in self.tasks:
+            raise UserError(f"batch task '{task}' is not one of this run's tasks ({', '.join(self.tasks)})")
+        names = self.tasks[task]
+        itm = self.objectives.get("itm")
+        hard = getattr(itm, "hard_negatives", 0) if "itm" in names else 0
+        if hard and self.training:
+            tensors = {key: value for key, value in batch.items() if isinstance(value, torch.Tensor)}
+            k = min(hard, tensors["input_ids"].shape[0] - 1)
+            if k > 0:
+                negatives = mine_hard_negatives(self.fusion, self.heads.itm, tensors, k)
+                batch = concat_batches([tensors, negatives])
+        output = self.fusion(batch)
+        losses: dict[str, torch.Tensor] = {}
+        for name in names:
+            losses.update(self.objectives[name](output, batch))
+        return losses
+
+
+def task_objectives(cfg: VLPretrainConfig) -> dict[str, tuple[str, ...]]:
+    """Task name -> objectives computed on its batches: one task per objective (sample) or one task ``"all"``."""
+    if cfg.data.mix == "sum":
+        return {SUM_TASK: tuple(cfg.objectives)}
+    return {name: (name,) for name, spec in cfg.objectives.items() if spec.mix > 0}
+
+
+def batch_plans(tasks: Mapping[str, Sequence[str]], objectives: Mapping[str, nn.Module]) -> dict[str, VLBatchPlan]:
+    return {task: VLBatchPlan.for_objectives([objectives[name] for name in names]) for task, names in tasks.items()}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Sources, tokenizer, model
+
+
+def resolve_sources(shards: str | None, captions: str | None) -> list[str]:
+    """The shard list of ``--shards`` (tar shards, or a COCO captions ``.json``) or ``--captions``."""
+    if (shards is None) == (captions is None):
+        raise UserError("give exactly one of --shards PATTERN and --captions JSON")
+    pattern = shards if shards is not None else captions
+    sources = expand_shards(pattern)
+    if captions is not None and not all(s.lower().endswith(".json") for s in sources):
+        raise UserError(f"--captions {captions} must name COCO captions .json file(s)")
+    return sources
+
+
+def _captions_for_tokenizer(sources: Sequence[str], caption_source: str, limit: int) -> list[str]:
+    faults = FaultCounter(0, "tokenizer training")
+    captions: list[str] = []
+    for source in sources:
+        for record in read_records(source, caption_source, faults, warn=False):
+            captions.append(record.caption)
+            if len(captions) >= limit:
+                return captions
+    return captions
+
+
+def resolve_tokenizer(out: Path, cfg: VLPretrainConfig, sources: Sequence[str], init: str | None,
+                      tokenizer_dir: str | None) -> Tokenizer:
+    """The run's tokenizer, saved into ``out``: the one already there (a resumed run), else ``--tokenizer`` or the
+    config's ``tokenizer``, else ``--init``'s ``vocab.txt``, else one trained on the captions."""
+    if (out / "vocab.txt").is_file():
+        return Tokenizer.from_dir(out)
+    chosen = tokenizer_dir or cfg.tokenizer
+    if chosen is None and init is not None and (Path(init) / "vocab.txt").is_file():
+        chosen = init
+    if chosen is not None:
+        tokenizer = Tokenizer.from_dir(chosen)
+    else:
+        captions = _captions_for_tokenizer(sources, cfg.data.caption_source, cfg.tokenizer_max_captions)
+        if not captions:
+            raise UserError(f"no captions to train a tokenizer on in {sources[0]}; give --tokenizer DIR")
+        with tempfile.TemporaryDirectory() as tmp:
+            corpus = Path(tmp) / "captions.txt"
+            corpus.write_text("\n".join(captions) + "\n", encoding="utf-8")
+            tokenizer = Tokenizer.train([corpus], cfg.model.text.vocab_size,
+                                        min_frequency=cfg.tokenizer_min_frequency)
+        _note(f"trained a {tokenizer.vocab_size}-token WordPiece vocabulary on {len(captions)} captions")
+    tokenizer.save(out)
+    return tokenizer
+
+
+def _union_heads(base: HeadsConfig, wanted: HeadsConfig) -> HeadsConfig:
+    outputs = dict(base.region_outputs)
+    for name, width in wanted.region_outputs.items():
+        outputs.setdefault(name, width)
+    return HeadsConfig(mlm=base.mlm or wanted.mlm, itm=base.itm or wanted.itm, region_outputs=outputs,
+                       num_answers=base.num_answers)
+
+
+def build_model(cfg: VLPretrainConfig, init: str | None) -> tuple[VLPretrainingModel, FusionConfig, HeadsConfig]:
+    """The model to pretrain: fresh from the config, or from ``--init`` (a VL run of ours, a Hugging Face
+    LXMERT / VisualBERT directory, or BERT / a text run for the text stream). Heads the objectives need that the
+    init lacks start fresh."""
+    if init is None:
+        return build_pretraining_model(cfg.model, cfg.heads), cfg.model, cfg.heads
+    from vl.checkpoints.io import VL_RUN_KIND, detect_checkpoint_kind, load_into
+
+    kind = detect_checkpoint_kind(init)
+    text_init = kind == "hf-bert"
+    if kind == VL_RUN_KIND:
+        from vl.checkpoints.vl_run import read_run_config
+
+        text_init = not isinstance(read_run_config(init)[0], FusionConfig)
+    if text_init:
+        model_cfg = _with_text_of(cfg.model, init, kind)
+        model = build_pretraining_model(model_cfg, cfg.heads)
+        _init_text_stream(model, init, kind)
+        return model, model_cfg, cfg.heads
+    from vl.checkpoints.vl_run import load_vl_checkpoint
+
+    loaded = load_vl_checkpoint(init)
+    if loaded.cfg != cfg.model:
+        _note(f"the model architecture comes from --init {init}; the config's model section is not used")
+    heads = _union_heads(loaded.heads.cfg, cfg.heads)
+    if heads == loaded.heads.cfg:
+        return loaded, loaded.cfg, heads
+    model = build_pretraining_model(loaded.cfg, heads)
+    report = load_into(model, loaded.state_dict(), init, strict=False)
+    fresh = sorted({".".join(key.split(".")[:3]) for key in report.missing})
+    if fresh:
+        _note(f"--init {init} has no {', '.join(fresh)}; they start fresh")
+    return model, loaded.cfg, heads
+
+
+_TEXT_FIELDS_FROM_INIT = ("vocab_size", "hidden_size", "num_heads", "intermediate_size", "max_position",
+                          "type_vocab_size", "activation", "layer_norm_eps", "pad_token_id", "pre_ln")
+
+
+def _with_text_of(model_cfg: FusionConfig, init: str, kind: str) -> FusionConfig:
+    """``model_cfg`` with the text encoder's shape taken from a BERT / text-run checkpoint (its layer count kept)."""
+    if kind == "hf-bert":
+        from vl.checkpoints.hf_bert import text_config_from_hf
+        from vl.checkpoints.io import read_json_file
+
+        text = text_config_from_hf(read_json_file(Path(init) / "config.json"), Path(init) / "config.json")
+    else:
+        from vl.checkpoints.vl_run import read_run_config
+
+        text = read_run_config(init)[0]
+    changes = {name: getattr(text, name) for name in _TEXT_FIELDS_FROM_INIT
+               if getattr(text, name) != getattr(model_cfg.text, name)}
+    if not changes:
+        return model_cfg
+    _note(f"the text stream's {', '.join(sorted(changes))} come from --init {init}")
+    try:
+        return dataclasses.replace(model_cfg, text=dataclasses.replace(model_cfg.text, **changes))
+    except ValueError as err:
+        raise UserError(f"--init {init}: its text encoder does not fit the model config: {err}") from None
+
+
+def _init_text_stream(model: VLPretrainingModel, init: str, kind: str) -> None:
+    """The text stream from a Hugging Face BERT directory, or from a text-only run of ours (through a temporary
+    Hugging Face export of its encoder)."""
+    from vl.checkpoints.hf_vl import init_text_from_hf_bert
+
+    if kind == "hf-bert":
+        init_text_from_hf_bert(model, init)
+        return
+    from vl.checkpoints.hf_bert import export_hf_bert
+    from vl.checkpoints.vl_run import load_vl_run
+
+    text_model = load_vl_run(init)
+    with tempfile.TemporaryDirectory() as tmp:
+        init_text_from_hf_bert(model, export_hf_bert(text_model, text_model.cfg, tmp))
+
+
+def check_compatibility(cfg: VLPretrainConfig, model_cfg: FusionConfig, heads: HeadsConfig, store: Any,
+                        tokenizer: Tokenizer) -> None:
+    """Errors naming the config key when the model, the feature store and the tokenizer disagree."""
+    if store.feature_dim != model_cfg.region.feature_dim:
+        raise UserError(f"the feature store {store.root} has {store.feature_dim}-d features but model.region."
+                        f"feature_dim is {model_cfg.region.feature_dim} (--set model.region.feature_dim="
+                        f"{store.feature_dim})")
+    needs = {name for name in cfg.objectives}
+    if needs & {"mrc", "mrc_kl"}:
+        if store.num_classes == 0:
+            raise UserError(f"objectives mrc / mrc_kl need detector classes, and the feature store {store.root} "
+                            "has none")
+        width = heads.region_outputs.get("obj")
+        if width != store.num_classes:
+            raise UserError(f"heads.region_outputs.obj is {width} but the feature store {store.root} has "
+                            f"{store.num_classes} classes (--set heads.region_outputs.obj={store.num_classes})")
+    if "mrfr" in needs and heads.region_outputs.get("feat") != store.feature_dim:
+        raise UserError(f"heads.region_outputs.feat is {heads.region_outputs.get('feat')} but the features are "
+                        f"{store.feature_dim}-d (--set heads.region_outputs.feat={store.feature_dim})")
+    if tokenizer.vocab_size > model_cfg.text.vocab_size:
+        raise UserError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model embeds only "
+                        f"{model_cfg.text.vocab_size} (model.text.vocab_size)")
+    if cfg.data.max_text_len > model_cfg.text.max_position:
+        raise UserError(f"data.max_text_len {cfg.data.max_text_len} exceeds model.text.max_position "
+                        f"{model_cfg.text.max_position}")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Held-out evaluation
+
+
+def heldout_batches(maker: PretrainBatchMaker, sources: Sequence[str], batch_size: int, max_batches: int,
+                    seed: int, prepared: bool = True) -> list[dict[str, Any]]:
+    """Fixed evaluation batches from held-out sources: prepared for every objective (negatives and masking), or
+    with ``prepared=False`` plain (every pair matched, nothing masked)."""
+    plan = _union_plan(maker.plans.values()) if prepared else VLBatchPlan()
+    eval_maker = PretrainBatchMaker(maker.tokenizer, maker.store, maker.cfg, TaskMixer({SUM_TASK: 1.0}, seed, True),
+                                    {SUM_TASK: plan}, maker.geometry, maker.with_class_probs)
+    stream = ShardStream(list(sources), StreamConfig(batch_size=batch_size, shuffle_buffer=0, shuffle_shards=False,
+                                                     epochs=1, caption_source=maker.cfg.caption_source,
+                                                     max_consecutive_faults=0, drop_last=False),
+                         eval_maker, seed=seed, check_record=eval_maker.check_record)
+    batches = []
+    for batch in stream:
+        batches.append({key: value for key, value in batch.items() if not key.startswith("_")})
+        if len(batches) >= max_batches:
+            break
+    if not batches:
+        raise UserError(f"the held-out data {sources[0]} gives no batches")
+    return batches
+
+
+def _union_plan(plans) -> VLBatchPlan:
+    plans = list(plans)
+    return VLBatchPlan(mask_text=any(p.mask_text for p in plans), mask_regions=any(p.mask_regions for p in plans),
+                       itm_negatives=any(p.itm_negatives for p in plans))
+
+
+@torch.no_grad()
+def evaluate_heldout(module: VLPretrainer, batches: Sequence[dict[str, Any]]) -> dict[str, float]:
+    """Mean loss of every objective on ``batches`` (``val_<name>``) and ITM accuracy (``val_itm_acc``)."""
+    device = next(module.parameters()).device
+    sums: dict[str, float] = {}
+    correct, total = 0, 0
+    names = [name for names in module.tasks.values() for name in names]
+    for batch in batches:
+        batch = {key: (value.to(device) if isinstance(value, torch.Tensor) else value) for key, value in batch.items()}
+        output = module.fusion(batch)
+        for name in dict.fromkeys(names):
+            for key, value in module.objectives[name](output, batch).items():
+                sums[f"val_{key}"] = sums.get(f"val_{key}", 0.0) + float(value)
+        if module.heads.itm is not None and "itm_labels" in batch:
+            logits = module.heads.itm(output.pooled)  # (B, 2)
+            correct += int((logits.argmax(dim=-1) == batch["itm_labels"]).sum())
+            total += int(batch["itm_labels"].numel())
+    values = {key: value / len(batches) for key, value in sums.items()}
+    if total:
+        values["val_itm_acc"] = correct / total
+    return values
+
+
+def itm_accuracy(module: VLPretrainer, batches: Sequence[dict[str, Any]]) -> float:
+    """ITM accuracy on held-out (matched, mismatched) pairs: each caption with its image and with another's.
+
+    batches: plain batches (``heldout_batches(..., prepared=False)``): every pair matched, nothing masked. The
+    mismatched partner of caption i is the image half a batch away (pairs of the same image are left out). Returns
+    the balanced accuracy: the mean of the accuracies on matched and on mismatched pairs.
+    """
+    module.eval()
+    hits = {1: 0, 0: 0}
+    counts = {1: 0, 0: 0}
+    with torch.no_grad():
+        for batch in batches:
+            plain = {key: value for key, value in unmask_batch(batch).items()
+                     if isinstance(value, torch.Tensor) and key != "itm_labels"}
+            size = plain["input_ids"].shape[0]
+            if size < 2:
+                continue
+            rows = torch.arange(size)
+            partners = torch.roll(rows, size // 2)
+            different = plain["image_ids"] != plain["image_ids"][partners]
+            for pairs, label in ((pair_batch(plain, rows, rows), 1),
+                                 (pair_batch(plain, rows[different], partners[different]), 0)):
+                if pairs["input_ids"].shape[0] == 0:
+                    continue
+                logits = module.heads.itm(module.fusion(pairs).pooled)  # (N, 2)
+                hits[label] += int((logits.argmax(dim=-1) == label).sum())
+                counts[label] += logits.shape[0]
+    rates = [hits[label] / counts[label] for label in (0, 1) if counts[label]]
+    return sum(rates) / max(len(rates), 1)
+
+
+def load_pretrainer(run_dir: str | os.PathLike) -> tuple[VLPretrainer, VLPretrainConfig, Tokenizer]:
+    """A trained run's module (final weights), its resolved config and its tokenizer."""
+    from vl.checkpoints.vl_run import load_vl_run
+
+    run_dir = Path(run_dir)
+    cfg = from_dict(VLPretrainConfig, read_yaml(run_dir / "config.yaml"), source=str(run_dir / "config.yaml"))
+    model = load_vl_run(run_dir)
+    objectives = {name: build_objective(name, model, spec.options) for name, spec in cfg.objectives.items()}
+    return VLPretrainer(model, objectives, task_objectives(cfg)), cfg, Tokenizer.from_dir(run_dir)
+
+
+def heldout_itm_accuracy(run_dir: str | os.PathLike, features: str | os.PathLike, pattern: str,
+                         batch_size: int = 32, max_batches: int = 1000) -> float:
+    """ITM accuracy of a trained run on held-out pairs of ``pattern``'s captions (see ``itm_accuracy``)."""
+    from region_features.store import FeatureStore
+
+    module, cfg, tokenizer = load_pretrainer(run_dir)
+    plans = batch_plans(module.tasks, module.objectives)
+    maker = PretrainBatchMaker(tokenizer, FeatureStore(features), cfg.data, TaskMixer({SUM_TASK: 1.0}, 0, True),
+                               plans, module.fusion.cfg.region.geometry,
+                               any(name in ("mrc", "mrc_kl") for name in cfg.objectives))
+    return itm_accuracy(module, heldout_batches(maker, expand_shards(pattern), batch_size, max_batches, 0,
+                                                prepared=False))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The run
+
+
+def summarize_faults(counts: Mapping[str, int], batches: int, batch_size: int) -> str:
+    if not counts:
+        return f"no samples skipped ({batches} batches)"
+    listed = ", ".join(f"{count} {kind.replace('_', ' ')}" for kind, count in sorted(counts.items()))
+    return f"skipped {sum(counts.values())} samples ({listed}) over {batches} batches of {batch_size}"
+
+
+def pretrain_vl(cfg: VLPretrainConfig, out: str | os.PathLike, features: str, shards: str | None = None,
+                captions: str | None = None, init: str | None = None, tokenizer_dir: str | None = None,
+                val_shards: str | None = None, val_batches: int = 8, plot: bool = True) -> TrainResult:
+    """Pretrain into run directory ``out`` (resuming from its latest checkpoint when it has one).
+
+    features: the region feature store; shards / captions: the image-caption source (``resolve_sources``);
+    init / tokenizer_dir: see ``build_model`` and ``resolve_tokenizer``; val_shards: held-out shards evaluated
+    every ``train.eval_every`` steps and at the end; plot: draw ``loss.png`` at the end.
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    from region_features.store import FeatureStore
+
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} exists and is not a directory")
+    sources = resolve_sources(shards, captions)
+    val_sources = expand_shards(val_shards) if val_shards is not None else None
+    store = FeatureStore(features)
+    # On a machine without a GPU, cpu=True makes processes started by a launcher train together (gloo).
+    cpu = cfg.train.cpu or not torch.cuda.is_available()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # One task per batch leaves other heads unused in a step: DDP must look for unused parameters.
+        accelerator = Accelerator(mixed_precision=cfg.train.precision, cpu=cpu,
+                                  kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+    else:
+        accelerator = make_accelerator(cfg.train.precision, cpu)
+    out.mkdir(parents=True, exist_ok=True)
+    with accelerator.main_process_first():
+        tokenizer = resolve_tokenizer(out, cfg, sources, init, tokenizer_dir)
+
+    seed_everything(cfg.train.seed)
+    model_cfg, heads_cfg = cfg.model, cfg.heads
+    if init is None:
+        model_cfg = dataclasses.replace(model_cfg, text=dataclasses.replace(
+            model_cfg.text, vocab_size=max(tokenizer.vocab_size, 8), pad_token_id=tokenizer.pad_id))
+    model, model_cfg, heads_cfg = build_model(dataclasses.replace(cfg, model=model_cfg), init)
+    check_compatibility(cfg, model_cfg, heads_cfg, store, tokenizer)
+    objectives = {name: build_objective(name, model, spec.options) for name, spec in cfg.objectives.items()}
+    tasks = task_objectives(cfg)
+    module = VLPretrainer(model, objectives, tasks)
+    plans = batch_plans(tasks, objectives)
+    with_probs = any(name in ("mrc", "mrc_kl") for name in cfg.objectives)
+    mixer = TaskMixer({name: spec.mix for name, spec in cfg.objectives.items()}, cfg.train.seed,
+                      sum_all=cfg.data.mix == "sum")
+    maker = PretrainBatchMaker(tokenizer, store, cfg.data, mixer, plans, model_cfg.region.geometry, with_probs)
+    stream = ShardStream(sources, cfg.data.stream_config(cfg.train.batch_size), maker, seed=cfg.train.seed,
+                         rank=accelerator.process_index, world_size=accelerator.num_processes,
+                         check_record=maker.check_record,
+                         length_of=maker.length_of if cfg.data.bucket_pool else None)
+    data = PretrainStream(stream, cfg.data.num_workers, cfg.data.prefetch_factor)
+
+    evaluate = None
+    if val_sources is not None:
+        eval_batches = heldout_batches(maker, val_sources, cfg.train.batch_size, val_batches, cfg.train.seed + 1)
+
+        def evaluate(trained: nn.Module, step: int) -> dict[str, float]:
+            return evaluate_heldout(trained, eval_batches)
+
+    resolved = dataclasses.replace(cfg, model=model_cfg, heads=heads_cfg, init=init, shards=shards or captions,
+                                   features=str(features))
+    weights = {name: spec.weight for name, spec in cfg.objectives.items()}
+    result = None
+    try:
+        result = train(module, data, cfg.train, out, loss_weights=weights, run_config=resolved, evaluate=evaluate,
+                       accelerator=accelerator, desc="pretrain", plot=plot, sampled_losses=cfg.data.mix == "sample")
+    finally:
+        counts = data.fault_counts()
+        rank = f"rank {accelerator.process_index}: " if accelerator.num_processes > 1 else ""
+        _note(rank + summarize_faults(counts, data.batches, cfg.train.batch_size))
+        if accelerator.is_main_process:
+            atomic_write_text(out / FAULTS_FILE, json.dumps({"skipped": counts, "batches": data.batches,
+                                                             "rank": accelerator.process_index}, indent=2) + "\n")
+    return result
