@@ -8,8 +8,9 @@ from __future__ import annotations
 import argparse
 
 from vl.cli import text_tasks as _text_tasks
+from vl.cli import vl_tasks as _vl_tasks
 
-TASK_MODULES = [_text_tasks]
+TASK_MODULES = [_text_tasks, _vl_tasks]
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:

@@ -1,0 +1,285 @@
+"""VQA: answer vocabulary, soft targets (official leave-one-out scores), the model and its loss, fine-tuning,
+prediction and evaluation end to end on the generated world, ``vl vqa`` on one image, and CLI errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from vl.cli import main
+from vl.data.formats import VqaAnnotation, VqaAnswer, read_vqa_questions
+from vl.data.world_features import write_world_features
+from vl.fusion.pretraining import build_pretraining_model, load_model_configs
+from vl.tasks.vl_finetune import load_init, prepare_init, region_batch, text_batch
+from vl.tasks.vqa import (
+    VqaCollator,
+    VqaExample,
+    VqaModel,
+    build_answer_vocab,
+    count_answers,
+    soft_targets,
+)
+from vl.tasks.vqa_eval import vqa_accuracy
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
+ARCHITECTURES = ("uniter", "visualbert", "lxmert", "vilbert")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run fastest on one intra-op thread, and do not fight the other tests for the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def annotation(question_id: int, answers: list[str], multiple_choice: str | None = None,
+               answer_type: str = "other") -> VqaAnnotation:
+    return VqaAnnotation(question_id=question_id, image_id=1,
+                         answers=tuple(VqaAnswer(a, "yes", i + 1) for i, a in enumerate(answers)),
+                         multiple_choice_answer=multiple_choice or answers[0], answer_type=answer_type,
+                         question_type="what")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Vocabulary and targets (hand-computed)
+
+
+def test_soft_targets_are_the_leave_one_out_scores():
+    index = {"red": 0, "blue": 1, "green": 2, "pink": 3, "black": 4}
+    answers = ["red"] * 3 + ["blue"] * 4 + ["green"] + ["black"] * 2
+    targets = soft_targets(answers, index)
+    # red: 3 of 10. Leaving out one of the 3 reds (3 times): 2 matches -> 2/3; leaving out another (7 times): 3 -> 1.
+    # (3 * 2/3 + 7 * 1) / 10 = 0.9. blue: 4 -> every subset has >= 3 -> 1.0. green: 1 -> (9 * 1/3) / 10 = 0.3.
+    # black: 2 -> (2 * 1/3 + 8 * 2/3) / 10 = 0.6. pink: not given -> absent.
+    assert targets == pytest.approx({0: 0.9, 1: 1.0, 2: 0.3, 4: 0.6})
+    assert 3 not in targets
+
+
+def test_soft_targets_normalise_answers_and_skip_out_of_vocabulary():
+    index = {"yes": 0}
+    # "Yes." and "yes" normalise to "yes" for the candidate; the official metric then compares the annotator answers
+    # after punctuation processing only, which keeps case: "Yes" (3 times) does not match "yes".
+    answers = ["yes"] * 2 + ["Yes."] * 3 + ["maybe"] * 5
+    targets = soft_targets(answers, index)
+    assert targets == pytest.approx({0: vqa_accuracy("yes", answers)})
+    assert targets[0] == pytest.approx(0.6)  # 2 exact matches
+    assert soft_targets(["no"] * 10, index) == {}
+
+
+def test_answer_vocabulary_threshold_and_order():
+    given = ["Yes", "yes.", "yes", "yes", "no", "no", "two", "2", "a cat"]
+    annotations = [annotation(i, ["x"] * 10, answer) for i, answer in enumerate(given)]
+    counts = count_answers(annotations)
+    assert counts == {"yes": 4, "no": 2, "2": 2, "cat": 1}  # lower case, periods, number words, articles
+    assert build_answer_vocab(annotations, 3) == ["yes"]
+    assert build_answer_vocab(annotations, 2) == ["yes", "2", "no"]  # by count, then alphabetically
+    assert build_answer_vocab(annotations, 1) == ["yes", "2", "no", "cat"]
+    assert build_answer_vocab(annotations, 5) == []
+    # counting every annotator answer instead of the multiple-choice answer
+    assert build_answer_vocab(annotations, 90, counting="all") == ["x"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Model and loss
+
+
+def _batch(model_cfg, num_answers: int, size: int = 3) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    batch = text_batch([[2, 7, 9, 3], [2, 5, 3], [2, 8, 8, 8, 3]][:size], pad_id=0)
+    regions = []
+    for count in (4, 2, 3)[:size]:
+        boxes = torch.rand(count, 2, generator=generator) * 0.5
+        regions.append((torch.randn(count, model_cfg.region.feature_dim, generator=generator).numpy(),
+                        torch.cat([boxes, boxes + 0.4], dim=1).numpy()))
+    batch.update(region_batch(regions, model_cfg.region.feature_dim))
+    targets = torch.zeros(size, num_answers)
+    targets[0, 1], targets[1, 0], targets[1, 2] = 1.0, 0.3, 0.6
+    batch["answer_targets"] = targets
+    return batch
+
+
+@pytest.mark.parametrize("name", ARCHITECTURES)
+def test_vqa_model_loss_is_bce_times_vocabulary_size(name):
+    cfg, _ = load_model_configs(CONFIGS / f"{name}-tiny.yaml")
+    torch.manual_seed(0)
+    model = VqaModel(build_pretraining_model(cfg).fusion, num_answers=5).eval()
+    batch = _batch(cfg, 5)
+    losses = model(batch)
+    logits = model.logits(batch)
+    expected = F.binary_cross_entropy_with_logits(logits, batch["answer_targets"], reduction="sum") / 3
+    torch.testing.assert_close(losses["vqa"], expected)
+    losses["vqa"].backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    assert model.heads.answer.classifier.weight.grad is not None
+    assert set(model.state_dict()) == set(build_pretraining_model(cfg, VqaModel.heads_config(5)).state_dict())
+
+
+def test_collator_joins_questions_with_store_features(world, tmp_path):
+    store_dir = write_world_features(world, tmp_path / "store", splits=("val",))
+    from region_features.store import FeatureStore
+
+    store = FeatureStore(store_dir)
+    questions = read_vqa_questions(world.vqa_questions("val"))[:2]
+    examples = [VqaExample(q.question_id, q.image_id, (2, 5, 3), (1,), (0.9,)) for q in questions]
+    batch = VqaCollator(store, 16, max_regions=3, num_answers=4, pad_id=0)(examples)
+    first = store[questions[0].image_id]
+    count = min(3, len(first["features"]))
+    torch.testing.assert_close(batch["region_feats"][0, :count], torch.from_numpy(first["features"][:count]).float())
+    assert batch["region_mask"][0].sum() == count
+    assert batch["answer_targets"].tolist()[0] == [0.0, pytest.approx(0.9), 0.0, 0.0]
+    assert batch["region_boxes"].min() >= 0 and batch["region_boxes"].max() <= 1
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# --init
+
+
+def test_init_from_a_vl_run_keeps_its_weights_and_tokenizer(tmp_path):
+    from vl.checkpoints.vl_run import save_vl_run
+    from vl.text.tokenizer import Tokenizer
+
+    cfg, heads = load_model_configs(CONFIGS / "lxmert-tiny.yaml")
+    torch.manual_seed(3)
+    model = build_pretraining_model(cfg, heads)
+    save_vl_run(model, tmp_path / "pre")
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("what color is the circle\nis there a red square\n")
+    Tokenizer.train([corpus], 64, min_frequency=1).save(tmp_path / "pre")
+    init, tokenizer = prepare_init(str(tmp_path / "pre"), None, None, [])
+    assert init.kind == "vl-run" and tokenizer.vocab_size <= 64
+    for key, value in model.fusion.state_dict().items():
+        torch.testing.assert_close(init.model.fusion.state_dict()[key], value)
+    torch.testing.assert_close(init.model.heads.itm.weight, model.heads.itm.weight)
+
+
+def test_scratch_init_needs_a_model_config():
+    from vl.errors import UserError
+
+    with pytest.raises(UserError, match="--init scratch needs a model"):
+        load_init("scratch", None)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# End to end on the generated world
+
+
+@pytest.fixture(scope="module")
+def vqa_run(world, tmp_path_factory):
+    root = tmp_path_factory.mktemp("vqa")
+    store = write_world_features(world, root / "store")
+    run = root / "run"
+    code = main(["finetune", "vqa", "--init", "scratch", "--config", str(CONFIGS / "finetune-vqa-tiny.yaml"),
+                 "--train-questions", str(world.vqa_questions("train")),
+                 "--train-annotations", str(world.vqa_annotations("train")),
+                 "--val-questions", str(world.vqa_questions("val")),
+                 "--val-annotations", str(world.vqa_annotations("val")),
+                 "--features", str(store), "--out", str(run), "--set", "train.steps=6", "--set", "train.batch_size=16"])
+    assert code == 0
+    return run, store
+
+
+def test_finetune_predict_evaluate_end_to_end(world, vqa_run, tmp_path, capsys):
+    run, store = vqa_run
+    for name in ("config.yaml", "model.safetensors", "answers.json", "vocab.txt", "val_metrics.json"):
+        assert (run / name).is_file(), name
+    val_metrics = json.loads((run / "val_metrics.json").read_text())
+    assert 0.0 <= val_metrics["overall"] <= 100.0
+    results = tmp_path / "results.json"
+    assert main(["predict", "vqa", "--run", str(run), "--questions", str(world.vqa_questions("val")),
+                 "--features", str(store), "--out", str(results)]) == 0
+    answers = json.loads(results.read_text())
+    questions = read_vqa_questions(world.vqa_questions("val"))
+    assert [item["question_id"] for item in answers] == [q.question_id for q in questions]
+    vocabulary = set(json.loads((run / "answers.json").read_text())["answers"])
+    assert all(set(item) == {"question_id", "answer"} and item["answer"] in vocabulary for item in answers)
+    capsys.readouterr()
+    assert main(["evaluate", "vqa", "--annotations", str(world.vqa_annotations("val")),
+                 "--results", str(results)]) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith(f"overall: {val_metrics['overall']:.2f} ({len(questions)} questions)")
+    for answer_type in ("yes/no", "number", "other"):
+        assert f"{answer_type}: " in printed
+    # The run directory also loads as a plain VL checkpoint, with its answer head.
+    from vl.checkpoints.vl_run import load_vl_run
+
+    assert load_vl_run(run).heads.answer.classifier.out_features == len(vocabulary)
+
+
+def test_vqa_one_image_end_to_end(world, vqa_run, tmp_path, capsys):
+    """``vl vqa`` with an (untrained) tiny detector run whose region features have the model's width."""
+    import yaml
+
+    from region_features.detector import DetectorConfig, RegionDetector
+    from region_features.pipeline import DetectorLabels, save_weights
+
+    run, _ = vqa_run
+    detector_dir = tmp_path / "detector"
+    detector_dir.mkdir()
+    config = {"detector": {"backbone": "resnet18", "out_indices": [2, 3, 4], "fpn_channels": 16,
+                           "anchor_sizes": [16, 32, 64, 128], "aspect_ratios": [1.0], "min_size": 112,
+                           "max_size": 112, "representation_size": 16, "num_classes": 3, "num_attributes": 0,
+                           "rpn_pre_nms_top_n_test": 50, "rpn_post_nms_top_n_test": 20}}
+    (detector_dir / "config.yaml").write_text(yaml.safe_dump(config))
+    DetectorLabels([{"id": i, "name": f"c{i}"} for i in (1, 2, 3)]).write(detector_dir / "labels.json")
+    torch.manual_seed(0)
+    save_weights(RegionDetector(DetectorConfig(**{k: tuple(v) if isinstance(v, list) else v
+                                                  for k, v in config["detector"].items()})),
+                 detector_dir / "model.safetensors")
+    image = next(world.images_dir("test").iterdir())
+    capsys.readouterr()
+    assert main(["vqa", "--run", str(run), "--detector", str(detector_dir), "--image", str(image),
+                 "--question", "What color is the circle?", "--top", "3", "--num-boxes", "5"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    vocabulary = set(json.loads((run / "answers.json").read_text())["answers"])
+    assert len(lines) == 3
+    scores = []
+    for line in lines:
+        answer, score = line.rsplit(None, 1)
+        assert answer.strip() in vocabulary
+        scores.append(float(score))
+    assert scores == sorted(scores, reverse=True) and all(0.0 <= s <= 1.0 for s in scores)
+
+    bad_image = tmp_path / "broken.jpg"
+    bad_image.write_bytes(b"not a jpeg")
+    assert main(["vqa", "--run", str(run), "--detector", str(detector_dir), "--image", str(bad_image),
+                 "--question", "what?"]) == 2
+    assert "--image" in capsys.readouterr().err
+    assert main(["vqa", "--run", str(tmp_path), "--detector", str(detector_dir), "--image", str(image),
+                 "--question", "what?"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("vl vqa: error: --run") and len(err.strip().splitlines()) == 1
+
+
+def test_cli_errors_name_the_input(world, vqa_run, tmp_path, capsys):
+    run, store = vqa_run
+    cases = [
+        (["finetune", "vqa", "--init", "scratch", "--train-questions", str(world.vqa_questions("train")),
+          "--train-annotations", str(world.vqa_annotations("train")), "--features", str(tmp_path / "nowhere"),
+          "--out", str(tmp_path / "out")], "--features"),
+        (["finetune", "vqa", "--init", str(tmp_path), "--config", str(CONFIGS / "finetune-vqa-tiny.yaml"),
+          "--train-questions", str(world.vqa_questions("train")),
+          "--train-annotations", str(world.vqa_annotations("val")), "--features", str(store),
+          "--out", str(tmp_path / "out")], "question_id"),
+        (["predict", "vqa", "--run", str(tmp_path), "--questions", str(world.vqa_questions("val")),
+          "--features", str(store), "--out", str(tmp_path / "r.json")], "--run"),
+        (["evaluate", "vqa", "--annotations", str(world.vqa_annotations("val")),
+          "--results", str(tmp_path / "missing.json")], "missing.json"),
+    ]
+    partial = tmp_path / "partial.json"
+    partial.write_text(json.dumps([{"question_id": read_vqa_questions(world.vqa_questions("val"))[0].question_id,
+                                    "answer": "yes"}]))
+    cases.append((["evaluate", "vqa", "--annotations", str(world.vqa_annotations("val")), "--results",
+                   str(partial)], "do not answer"))
+    for argv, expected in cases:
+        capsys.readouterr()
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "error:" in err and expected in err, (argv, err)
+    assert not (tmp_path / "r.json").exists()

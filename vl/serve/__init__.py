@@ -1,0 +1,1 @@
+"""The retrieval demo page served by ``vl serve`` (``vl.serve.app``)."""
