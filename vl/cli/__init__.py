@@ -15,14 +15,20 @@ from vl.errors import UserError
 # Each module's ``add_parser(subparsers)`` registers its subcommand(s) and sets ``func`` on its parser.
 # Imported explicitly, in the order ``vl --help`` lists them.
 from vl.cli import convert as _convert
+from vl.cli import demo as _demo
 from vl.cli import evaluate as _evaluate
 from vl.cli import finetune as _finetune
+from vl.cli import plot as _plot
 from vl.cli import predict as _predict
+from vl.cli import pretrain as _pretrain
 from vl.cli import pretrain_text as _pretrain_text
+from vl.cli import serve as _serve
 from vl.cli import tokenizer as _tokenizer
+from vl.cli import vqa as _vqa
 from vl.cli import world as _world
 
-COMMAND_MODULES = [_tokenizer, _world, _convert, _pretrain_text, _finetune, _predict, _evaluate]
+COMMAND_MODULES = [_tokenizer, _world, _convert, _pretrain_text, _finetune, _predict, _evaluate, _pretrain, _plot,
+                   _vqa, _serve, _demo]
 
 
 def build_parser(prog: str, modules, description: str) -> argparse.ArgumentParser:

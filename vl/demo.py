@@ -1,0 +1,278 @@
+"""``vl demo``: the whole pipeline on a generated world, through the real commands, with a report.
+
+Stages (each one a real ``vl`` / ``vl-regions`` command in a subprocess, logged to ``OUT/logs/STAGE.log``):
+
+1. ``vl generate-world`` — the data (train / val / test splits);
+2. ``vl-regions train`` — the detector on the train split's COCO instances;
+3. ``vl-regions detect`` — COCO results on the held-out test split (its mAP goes in the report);
+4. ``vl-regions extract`` — region features for every split into one feature store;
+5. ``vl pretrain`` — a single-stream (UNITER) and a dual-stream (LXMERT) model on the train split's shards;
+6. ``vl finetune vqa`` — from each pretrained model and from scratch, with the same budget;
+   ``vl predict vqa`` + ``vl evaluate vqa`` on the test split;
+7. ``vl finetune retrieval`` + ``vl evaluate retrieval`` on the test split;
+8. ``vl vqa`` — a few questions on held-out test images, end to end from the image file.
+
+Every figure comes from the test split, which no stage trains on. A stage that finished is recorded in
+``OUT/demo_state.json`` and skipped when the demo is run again with the same settings, so an interrupted demo
+continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from vl.config import atomic_write_text
+from vl.errors import UserError
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """Sizes and budgets of the demo; ``quick()`` shrinks it to a smoke test of every stage."""
+
+    seed: int = 0
+    size: int = 128  # image side in pixels
+    train_images: int = 600
+    val_images: int = 60
+    test_images: int = 150
+    detector_config: str = "detector-tiny.yaml"
+    detector_steps: int = 700
+    single_stream_config: str = "pretrain-uniter-tiny.yaml"
+    dual_stream_config: str = "pretrain-lxmert-tiny.yaml"
+    pretrain_steps: int = 400
+    vqa_config: str = "finetune-vqa-tiny.yaml"
+    vqa_steps: int = 300
+    retrieval_config: str = "finetune-retrieval-tiny.yaml"
+    retrieval_steps: int = 300
+    num_boxes: int = 10  # regions per image in the feature store
+    example_questions: int = 6  # `vl vqa` calls on held-out images
+    extra_sets: dict[str, tuple[str, ...]] = field(default_factory=dict)  # stage -> extra --set overrides
+
+    @staticmethod
+    def quick(seed: int = 0) -> DemoConfig:
+        return DemoConfig(seed=seed, size=64, train_images=24, val_images=8, test_images=8, detector_steps=6,
+                          pretrain_steps=4, vqa_steps=4, retrieval_steps=4, example_questions=1)
+
+
+@dataclass
+class Stage:
+    name: str
+    title: str
+    commands: Callable[[], list[list[str]]]
+    seconds: float = 0.0
+
+
+def _vl(*args: str) -> list[str]:
+    return [sys.executable, "-m", "vl", *args]
+
+
+def _regions(*args: str) -> list[str]:
+    return [sys.executable, "-m", "region_features.cli", *args]
+
+
+class Demo:
+    def __init__(self, out: str | os.PathLike, cfg: DemoConfig):
+        self.out = Path(out)
+        self.cfg = cfg
+        self.world = self.out / "world"
+        self.detector = self.out / "detector"
+        self.features = self.out / "features"
+        self.logs = self.out / "logs"
+        self.state_path = self.out / "demo_state.json"
+        self.timings: dict[str, float] = {}
+
+    # paths ----------------------------------------------------------------------------------------------------
+    def run_dir(self, name: str) -> Path:
+        return self.out / "runs" / name
+
+    def world_file(self, *parts: str) -> str:
+        return str(self.world.joinpath(*parts))
+
+    def questions(self, split: str) -> str:
+        return self.world_file("vqa", f"v2_OpenEnded_mscoco_{split}2014_questions.json")
+
+    def annotations(self, split: str) -> str:
+        return self.world_file("vqa", f"v2_mscoco_{split}2014_annotations.json")
+
+    def feature_sets(self) -> list[str]:
+        """Overrides that fit the models' region inputs to the extracted store (feature width, detector classes)."""
+        from region_features.store import FeatureStore
+
+        meta = FeatureStore(self.features).meta
+        return [f"model.region.feature_dim={meta['feature_dim']}", f"heads.region_outputs.feat={meta['feature_dim']}",
+                f"heads.region_outputs.obj={meta['num_classes']}"]
+
+    def sets(self, stage: str, *pairs: str) -> list[str]:
+        args: list[str] = []
+        for pair in (*pairs, *self.cfg.extra_sets.get(stage, ())):
+            args += ["--set", pair]
+        return args
+
+    # stages ---------------------------------------------------------------------------------------------------
+    def stages(self) -> list[Stage]:
+        cfg = self.cfg
+        vqa_inits = {"vqa-single": str(self.run_dir("pretrain-single")),
+                     "vqa-dual": str(self.run_dir("pretrain-dual")),
+                     "vqa-scratch": "scratch"}
+
+        def world() -> list[list[str]]:
+            return [_vl("generate-world", "--out", str(self.world), "--seed", str(cfg.seed), "--train",
+                        str(cfg.train_images), "--val", str(cfg.val_images), "--test", str(cfg.test_images),
+                        "--size", str(cfg.size), "--force")]
+
+        def detector() -> list[list[str]]:
+            return [_regions("train", "--instances", self.world_file("annotations", "instances_train2014.json"),
+                             "--images", self.world_file("images", "train2014"),
+                             "--val-instances", self.world_file("annotations", "instances_val2014.json"),
+                             "--val-images", self.world_file("images", "val2014"), "--out", str(self.detector),
+                             "--config", str(CONFIG_DIR / cfg.detector_config),
+                             *self.sets("detector", f"train.max_steps={cfg.detector_steps}"))]
+
+        def detect() -> list[list[str]]:
+            return [_regions("detect", "--detector", str(self.detector), "--images",
+                             self.world_file("images", "test2014"), "--out", str(self.out / "detections_test.json"))]
+
+        def extract() -> list[list[str]]:
+            return [_regions("extract", "--detector", str(self.detector), "--images", self.world_file("images"),
+                             "--out", str(self.features), "--num-boxes", str(cfg.num_boxes))]
+
+        def pretrain(name: str, config: str) -> Callable[[], list[list[str]]]:
+            return lambda: [_vl("pretrain", "--config", str(CONFIG_DIR / config),
+                                "--shards", self.world_file("shards", "train-*.tar"), "--features", str(self.features),
+                                "--out", str(self.run_dir(name)),
+                                *self.sets("pretrain", f"train.steps={cfg.pretrain_steps}",
+                                           f"train.seed={cfg.seed}", *self.feature_sets()))]
+
+        def vqa(name: str) -> Callable[[], list[list[str]]]:
+            run = str(self.run_dir(name))
+            results = str(self.out / f"{name}_test_results.json")
+            return lambda: [
+                _vl("finetune", "vqa", "--init", vqa_inits[name], "--train-questions", self.questions("train"),
+                    "--train-annotations", self.annotations("train"), "--val-questions", self.questions("val"),
+                    "--val-annotations", self.annotations("val"), "--features", str(self.features), "--out", run,
+                    "--config", str(CONFIG_DIR / cfg.vqa_config),
+                    *self.sets("vqa", f"train.steps={cfg.vqa_steps}", f"train.seed={cfg.seed}",
+                               *(self.feature_sets()[:1] if name == "vqa-scratch" else []))),
+                _vl("predict", "vqa", "--run", run, "--questions", self.questions("test"), "--features",
+                    str(self.features), "--out", results),
+                _vl("evaluate", "vqa", "--annotations", self.annotations("test"), "--results", results),
+            ]
+
+        def retrieval() -> list[list[str]]:
+            run = str(self.run_dir("retrieval"))
+            return [
+                _vl("finetune", "retrieval", "--init", str(self.run_dir("pretrain-single")), "--karpathy",
+                    self.world_file("dataset_coco.json"), "--features", str(self.features), "--out", run,
+                    "--config", str(CONFIG_DIR / cfg.retrieval_config),
+                    *self.sets("retrieval", f"train.steps={cfg.retrieval_steps}", f"train.seed={cfg.seed}")),
+                _vl("evaluate", "retrieval", "--run", run, "--karpathy", self.world_file("dataset_coco.json"),
+                    "--split", "test", "--features", str(self.features), "--out",
+                    str(self.out / "retrieval_rankings_test.json")),
+            ]
+
+        def examples() -> list[list[str]]:
+            commands = []
+            for example in self.example_questions():
+                commands.append(_vl("vqa", "--run", str(self.run_dir("vqa-single")), "--detector", str(self.detector),
+                                    "--image", example["image"], "--question", example["question"]))
+            return commands
+
+        return [
+            Stage("world", "generate the world", world),
+            Stage("detector", "train the detector", detector),
+            Stage("detect", "detect on held-out images", detect),
+            Stage("extract", "extract region features", extract),
+            Stage("pretrain-single", "pretrain single-stream (UNITER)", pretrain("pretrain-single",
+                                                                                 cfg.single_stream_config)),
+            Stage("pretrain-dual", "pretrain dual-stream (LXMERT)", pretrain("pretrain-dual", cfg.dual_stream_config)),
+            Stage("vqa-single", "VQA from pretrained single-stream", vqa("vqa-single")),
+            Stage("vqa-dual", "VQA from pretrained dual-stream", vqa("vqa-dual")),
+            Stage("vqa-scratch", "VQA from scratch", vqa("vqa-scratch")),
+            Stage("retrieval", "retrieval fine-tune and evaluate", retrieval),
+            Stage("examples", "answer questions on held-out images", examples),
+        ]
+
+    def example_questions(self) -> list[dict[str, Any]]:
+        """The first few test questions, on distinct test images."""
+        questions = json.loads(Path(self.questions("test")).read_text())["questions"]
+        chosen, seen = [], set()
+        for question in questions:
+            if question["image_id"] in seen:
+                continue
+            seen.add(question["image_id"])
+            image = self.world / "images" / "test2014" / f"COCO_test2014_{question['image_id']:012d}.jpg"
+            chosen.append({"image_id": question["image_id"], "image": str(image), "question": question["question"],
+                           "question_id": question["question_id"]})
+            if len(chosen) == self.cfg.example_questions:
+                break
+        return chosen
+
+    # running --------------------------------------------------------------------------------------------------
+    def _load_state(self) -> dict[str, Any]:
+        if not self.state_path.is_file():
+            return {}
+        state = json.loads(self.state_path.read_text())
+        if state.get("config") != _jsonable(asdict(self.cfg)):
+            return {}  # other settings: start over (every command's own outputs are replaced or resumed)
+        return state
+
+    def _save_state(self, done: dict[str, float]) -> None:
+        atomic_write_text(self.state_path, json.dumps({"config": _jsonable(asdict(self.cfg)), "done": done}, indent=1))
+
+    def run(self) -> Path:
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.logs.mkdir(exist_ok=True)
+        done: dict[str, float] = self._load_state().get("done", {})
+        stages = self.stages()
+        start = time.perf_counter()
+        for number, stage in enumerate(stages, 1):
+            prefix = f"[{number}/{len(stages)}] {stage.title}"
+            if stage.name in done:
+                print(f"{prefix}: done earlier ({done[stage.name]:.0f}s)", flush=True)
+                continue
+            print(f"{prefix} ...", flush=True)
+            began = time.perf_counter()
+            log = self.logs / f"{stage.name}.log"
+            with open(log, "w") as handle:
+                for command in stage.commands():
+                    handle.write("$ " + shlex.join(command) + "\n")
+                    handle.flush()
+                    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TQDM_MININTERVAL": "5"}
+                    code = subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT, env=env).returncode
+                    if code != 0:
+                        tail = "\n".join(log.read_text().splitlines()[-15:])
+                        print(tail, file=sys.stderr)
+                        raise UserError(f"demo stage '{stage.name}' failed (exit {code}); see {log}")
+            done[stage.name] = time.perf_counter() - began
+            self._save_state(done)
+            print(f"{prefix}: done in {done[stage.name]:.0f}s", flush=True)
+        self.timings = done
+        from vl.demo_report import write_report
+
+        report = write_report(self, total_seconds=time.perf_counter() - start)
+        print(f"report: {report}")
+        return report
+
+    def machine(self) -> str:
+        cpu = platform.processor() or platform.machine()
+        return f"{os.cpu_count()} CPU cores ({cpu}), Python {platform.python_version()}"
+
+
+def _jsonable(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=list))
+
+
+def demo_config(quick: bool, seed: int, overrides: dict[str, Any] | None = None) -> DemoConfig:
+    cfg = DemoConfig.quick(seed) if quick else DemoConfig(seed=seed)
+    return replace(cfg, **(overrides or {}))

@@ -1,0 +1,298 @@
+"""The demo's report: a table of held-out figures, PNG plots, and ``report.md`` / ``report.html``.
+
+Every figure is computed here from the files the demo's commands wrote for the test split (which no stage trained
+on): detector mAP from ``vl-regions detect``'s COCO results (scored with pycocotools), VQA accuracy from
+``vl predict vqa``'s results JSON (scored with the official metric in ``vl.tasks.vqa_eval``), retrieval recall from
+``vl evaluate retrieval``'s RANKINGS.json against the Karpathy split's ground truth.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import html
+import io
+import json
+import math
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from vl.config import atomic_write_text
+
+if TYPE_CHECKING:
+    from vl.demo import Demo
+
+NOT_LOSSES = {"step", "lr", "grad_norm", "samples_per_s", "elapsed_s", "nonfinite_skipped", "loss"}
+VQA_RUNS = {"vqa-single": "pretrained single-stream (UNITER)", "vqa-dual": "pretrained dual-stream (LXMERT)",
+            "vqa-scratch": "from scratch (UNITER)"}
+
+
+def detector_map(instances: Path, detections: Path) -> dict[str, float]:
+    """COCO mAP and mAP@0.5 of a results file, with pycocotools."""
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        ground_truth = COCO(str(instances))
+        results = json.loads(detections.read_text())
+        if not results:
+            return {"mAP": 0.0, "mAP@0.5": 0.0}
+        evaluation = COCOeval(ground_truth, ground_truth.loadRes(results), "bbox")
+        evaluation.evaluate()
+        evaluation.accumulate()
+        evaluation.summarize()
+    return {"mAP": float(evaluation.stats[0]), "mAP@0.5": float(evaluation.stats[1])}
+
+
+def vqa_scores(annotations: Path, results: Path) -> dict[str, Any]:
+    from vl.data.formats import read_vqa_annotations, read_vqa_results
+    from vl.tasks.vqa_eval import evaluate_vqa
+
+    return evaluate_vqa(read_vqa_annotations(annotations), read_vqa_results(results))
+
+
+def retrieval_recall(karpathy: Path, rankings: Path, split: str = "test") -> dict[str, float]:
+    """R@1/5/10 in both directions from a RANKINGS.json, against the Karpathy split's captions."""
+    from vl.data.formats import read_karpathy
+
+    images = read_karpathy(karpathy, split)
+    image_of_sentence: dict[int, Any] = {}
+    sentences_of_image: dict[Any, set[int]] = {}
+    for image in images:
+        image_id = image.image_id
+        for sentence in image.sentences:
+            image_of_sentence[sentence.sentid] = image_id
+            sentences_of_image.setdefault(image_id, set()).add(sentence.sentid)
+    data = json.loads(rankings.read_text())
+    recall: dict[str, float] = {}
+    for k in (1, 5, 10):
+        hits = [image_of_sentence[row["sentid"]] in row["ranked_image_ids"][:k] for row in data["text_to_image"]]
+        recall[f"text→image R@{k}"] = 100.0 * sum(hits) / max(len(hits), 1)
+    for k in (1, 5, 10):
+        hits = [bool(sentences_of_image[row["image_id"]] & set(row["ranked_sentids"][:k])) for row in
+                data["image_to_text"]]
+        recall[f"image→text R@{k}"] = 100.0 * sum(hits) / max(len(hits), 1)
+    recall["chance text→image R@1"] = 100.0 / max(len(images), 1)
+    return recall
+
+
+def example_answers(log: Path) -> list[str]:
+    """The first answer line printed by each ``vl vqa`` call in the examples log."""
+    answers, current = [], None
+    for line in log.read_text().splitlines():
+        if line.startswith("$ "):
+            if current is not None:
+                answers.append(current)
+            current = ""
+        elif current == "" and line.strip():
+            current = line.strip()
+    if current is not None:
+        answers.append(current)
+    return answers
+
+
+def plot_pretraining(runs: dict[str, Path], out: Path) -> Path | None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series: dict[str, dict[str, list[tuple[int, float]]]] = {}
+    for label, run in runs.items():
+        path = run / "metrics.jsonl"
+        if not path.is_file():
+            continue
+        for line in path.read_text().splitlines():
+            row = json.loads(line)
+            for key, value in row.items():
+                if key in NOT_LOSSES or "acc" in key or not isinstance(value, (int, float)) or "step" not in row:
+                    continue
+                series.setdefault(key, {}).setdefault(label, []).append((row["step"], value))
+    if not series:
+        return None
+    names = sorted(series)
+    cols = min(3, len(names))
+    rows = math.ceil(len(names) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 2.8 * rows), squeeze=False)
+    for index, name in enumerate(names):
+        ax = axes[index // cols][index % cols]
+        for label, points in series[name].items():
+            steps, values = zip(*points)
+            ax.plot(steps, values, label=label)
+        ax.set_title(name)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    for index in range(len(names), rows * cols):
+        axes[index // cols][index % cols].axis("off")
+    fig.suptitle("pretraining losses per objective")
+    fig.tight_layout()
+    fig.savefig(out, dpi=90)
+    plt.close(fig)
+    return out
+
+
+def plot_vqa(scores: dict[str, dict[str, Any]], out: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = ["overall", "yes/no", "number", "other"]
+    fig, ax = plt.subplots(figsize=(7, 3.4))
+    width = 0.8 / max(len(scores), 1)
+    for index, (name, score) in enumerate(scores.items()):
+        values = [score["overall"]] + [score["per_answer_type"].get(g, 0.0) for g in groups[1:]]
+        positions = [g + (index - (len(scores) - 1) / 2) * width for g in range(len(groups))]
+        bars = ax.bar(positions, values, width, label=VQA_RUNS.get(name, name))
+        ax.bar_label(bars, fmt="%.0f", fontsize=7)
+    ax.set_xticks(range(len(groups)), groups)
+    ax.set_ylabel("VQA accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.legend(fontsize=7, loc="upper right")
+    ax.set_title("VQA accuracy on the held-out test split")
+    fig.tight_layout()
+    fig.savefig(out, dpi=90)
+    plt.close(fig)
+    return out
+
+
+def plot_examples(demo: Demo, examples: list[dict[str, Any]], answers: list[str], out: Path) -> Path:
+    """A grid of held-out images with the detector's boxes and the question/answer pairs from ``vl vqa``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.patches as patches
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    detections = json.loads((demo.out / "detections_test.json").read_text())
+    categories = {c["id"]: c["name"] for c in json.loads(
+        (demo.world / "annotations" / "instances_test2014.json").read_text())["categories"]}
+    cols = min(3, max(len(examples), 1))
+    rows = math.ceil(len(examples) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 4.0 * rows), squeeze=False)
+    for index, example in enumerate(examples):
+        ax = axes[index // cols][index % cols]
+        ax.imshow(Image.open(example["image"]).convert("RGB"))
+        for det in detections:
+            if det["image_id"] != example["image_id"] or det["score"] < 0.5:
+                continue
+            x, y, w, h = det["bbox"]
+            ax.add_patch(patches.Rectangle((x, y), w, h, fill=False, color="white", linewidth=1))
+            ax.text(x, y - 1, f"{categories.get(det['category_id'], '?')} {det['score']:.2f}", color="white",
+                    fontsize=6, backgroundcolor="black")
+        answer = answers[index] if index < len(answers) else "(no answer)"
+        ax.set_title(f"Q: {example['question']}\nA: {answer}", fontsize=7)
+        ax.axis("off")
+    for index in range(len(examples), rows * cols):
+        axes[index // cols][index % cols].axis("off")
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write_report(demo: Demo, total_seconds: float) -> Path:
+    out = demo.out
+    cfg = demo.cfg
+    figures: dict[str, Any] = {}
+    figures["detector"] = detector_map(demo.world / "annotations" / "instances_test2014.json",
+                                       out / "detections_test.json")
+    train_metrics = demo.detector / "metrics.json"
+    if train_metrics.is_file():
+        figures["detector_val"] = json.loads(train_metrics.read_text())
+    figures["vqa"] = {name: vqa_scores(Path(demo.annotations("test")), out / f"{name}_test_results.json")
+                      for name in VQA_RUNS}
+    figures["retrieval"] = retrieval_recall(demo.world / "dataset_coco.json", out / "retrieval_rankings_test.json")
+    examples = demo.example_questions()
+    answers = example_answers(demo.logs / "examples.log")
+
+    plots = {
+        "pretraining": plot_pretraining({"single-stream (UNITER)": demo.run_dir("pretrain-single"),
+                                         "dual-stream (LXMERT)": demo.run_dir("pretrain-dual")},
+                                        out / "pretraining_loss.png"),
+        "vqa": plot_vqa(figures["vqa"], out / "vqa_accuracy.png"),
+        "examples": plot_examples(demo, examples, answers, out / "examples.png"),
+    }
+    atomic_write_text(out / "figures.json", json.dumps(figures, indent=1))
+
+    det = figures["detector"]
+    summary_rows = [["detector mAP@0.5 (test)", f"{det['mAP@0.5']:.3f}"], ["detector mAP@[.5:.95] (test)",
+                                                                           f"{det['mAP']:.3f}"]]
+    attribute_accuracy = figures.get("detector_val", {}).get("attribute_accuracy")
+    if isinstance(attribute_accuracy, (int, float)):
+        summary_rows.append(["detector attribute accuracy (val)", f"{attribute_accuracy:.3f}"])
+    vqa_rows = []
+    for name, label in VQA_RUNS.items():
+        score = figures["vqa"][name]
+        per_type = score["per_answer_type"]
+        vqa_rows.append([label, f"{score['overall']:.2f}"] + [f"{per_type.get(t, float('nan')):.2f}"
+                                                              for t in ("yes/no", "number", "other")])
+    recall = figures["retrieval"]
+    retrieval_rows = [[direction] + [f"{recall[f'{direction} R@{k}']:.1f}" for k in (1, 5, 10)]
+                      for direction in ("text→image", "image→text")]
+    timing_rows = [[name, f"{seconds:.0f}"] for name, seconds in demo.timings.items()]
+    qa_rows = [[str(e["image_id"]), e["question"], answers[i] if i < len(answers) else ""]
+               for i, e in enumerate(examples)]
+
+    sections = [
+        "# vl demo report",
+        f"Seed {cfg.seed}; world of {cfg.train_images} train / {cfg.val_images} val / {cfg.test_images} test images "
+        f"at {cfg.size} px; {cfg.num_boxes} regions per image. Machine: {demo.machine()}. "
+        f"Total time {total_seconds / 60:.1f} min. Every figure below is measured on the test split, which no stage "
+        "trained on.",
+        "## Detector\n\n" + _table(["metric", "value"], summary_rows),
+        "## VQA accuracy (%), test split, official metric\n\n" + _table(
+            ["model", "overall", "yes/no", "number", "other"], vqa_rows),
+        f"Same fine-tuning budget for all three ({cfg.vqa_steps} steps).",
+        "## Image-text retrieval (%), test split\n\n" + _table(["direction", "R@1", "R@5", "R@10"], retrieval_rows)
+        + f"\n\nChance R@1 (text→image): {recall['chance text→image R@1']:.1f}%.",
+        "## Plots\n\n" + "\n\n".join(f"![{name}]({path.name})" for name, path in plots.items() if path),
+        "## Questions on held-out images (`vl vqa`)\n\n" + _table(["image", "question", "top answer"], qa_rows),
+        "## Time per stage (s)\n\n" + _table(["stage", "seconds"], timing_rows),
+    ]
+    markdown = "\n\n".join(sections) + "\n"
+    atomic_write_text(out / "report.md", markdown)
+    atomic_write_text(out / "report.html", _markdown_to_html(markdown))
+    return out / "report.md"
+
+
+def _markdown_to_html(markdown: str) -> str:
+    """Just enough Markdown for the report: headings, tables, images and paragraphs."""
+    body: list[str] = []
+    table: list[list[str]] = []
+
+    def flush_table() -> None:
+        if not table:
+            return
+        head, *rows = table
+        body.append("<table><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in head) + "</tr>" + "".join(
+            "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows) + "</table>")
+        table.clear()
+
+    for line in markdown.splitlines():
+        if line.startswith("|"):
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            if not all(re.fullmatch(r"-+", c) for c in cells):
+                table.append(cells)
+            continue
+        flush_table()
+        if line.startswith("#"):
+            level = len(line) - len(line.lstrip("#"))
+            body.append(f"<h{level}>{html.escape(line[level:].strip())}</h{level}>")
+        elif match := re.fullmatch(r"!\[(.*)\]\((.*)\)", line.strip()):
+            body.append(f'<p><img src="{html.escape(match.group(2))}" alt="{html.escape(match.group(1))}"></p>')
+        elif line.strip():
+            body.append(f"<p>{html.escape(line)}</p>")
+    flush_table()
+    style = ("body{font-family:sans-serif;max-width:60em;margin:2em auto}table{border-collapse:collapse}"
+             "td,th{border:1px solid #ccc;padding:.3em .6em}img{max-width:100%}")
+    return f"<!doctype html><html><head><meta charset='utf-8'><title>vl demo report</title><style>{style}</style>" \
+           f"</head><body>{''.join(body)}</body></html>\n"
