@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import multiprocessing
 import os
 import signal
 import socket
@@ -179,7 +180,7 @@ def test_exact_resume_and_resume_twice(world, features, tokenizer_dir, tmp_path)
 # ------------------------------------------------------------------------------------------------------------ DDP
 
 DDP_SCRIPT = textwrap.dedent('''
-    import sys, torch
+    import os, sys, torch
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs
     from vl.train.loop import TrainConfig, train
@@ -191,6 +192,7 @@ DDP_SCRIPT = textwrap.dedent('''
         accelerator = Accelerator(cpu=True,
                                   kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
         rank, world = accelerator.process_index, accelerator.num_processes
+        assert world == int(os.environ.get("WORLD_SIZE", "1")), "the ranks did not form a process group"
         cfg = load_pretrain_config(config, ["model.text.dropout=0.0", "model.text.attn_dropout=0.0",
                                             "model.text.vocab_size=300", "data.mix=sum",
                                             "objectives={mlm: {}, mrfr: {}, itm: {}}"])
@@ -217,6 +219,18 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def ddp_rank(rank: int, world_size: int, port: int, args: tuple[str, ...]) -> None:
+    """One rank of a gloo process group, forked from the test process (no fresh interpreter to start)."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
+                      LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)  # the parent's single-process state came along
+    namespace: dict = {"__name__": "ddp_step"}
+    exec(compile(DDP_SCRIPT, "ddp_step.py", "exec"), namespace)
+    namespace["main"](*args)
+
+
 def test_ddp_two_processes_equal_one_process_on_the_concatenated_batch(world, features, tokenizer_dir, tmp_path):
     maker = maker_for(world, features, tokenizer_dir, {"mlm": 1.0})
     records = [CaptionRecord(image_id, caption, str(i), "x") for i, (image_id, caption) in enumerate(
@@ -238,16 +252,19 @@ def test_ddp_two_processes_equal_one_process_on_the_concatenated_batch(world, fe
         batch["region_boxes"] = batch["region_boxes"][..., :4]
         batches.append(batch)
     torch.save(batches, tmp_path / "batches.pt")
-    script = tmp_path / "ddp_step.py"
-    script.write_text(DDP_SCRIPT)
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     namespace: dict = {"__name__": "ddp_step"}
-    exec(compile(DDP_SCRIPT, str(script), "exec"), namespace)  # the single-process reference, in this process
+    exec(compile(DDP_SCRIPT, "ddp_step.py", "exec"), namespace)  # the single-process reference, in this process
     namespace["main"](str(tmp_path / "batches.pt"), str(tmp_path / "single"), str(CONFIG))
-    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-              str(free_port()), str(script), str(tmp_path / "batches.pt"), str(tmp_path / "ddp"), str(CONFIG)]
-    ddp = subprocess.run(launch, env=env, capture_output=True, text=True, timeout=240)
-    assert ddp.returncode == 0, ddp.stderr[-2000:]
+    context = multiprocessing.get_context("fork")
+    port = free_port()
+    ranks = [context.Process(target=ddp_rank, args=(rank, 2, port, (str(tmp_path / "batches.pt"),
+                                                                   str(tmp_path / "ddp"), str(CONFIG))))
+             for rank in range(2)]
+    for process in ranks:
+        process.start()
+    for process in ranks:
+        process.join(timeout=240)
+    assert [process.exitcode for process in ranks] == [0, 0]
     one, two = (load_state_file(tmp_path / name / "model.safetensors") for name in ("single", "ddp"))
     assert one.keys() == two.keys()
     for key in one:
@@ -346,37 +363,33 @@ def test_nonfinite_loss_skips_the_update_then_stops_after_saving(tmp_path):
 # ------------------------------------------------------------------------------------ kill, relaunch, continue
 
 
-def test_sigterm_saves_then_relaunch_resumes(world, features, tokenizer_dir, tmp_path):
-    """Start ``vl pretrain``, SIGTERM it once it has saved, relaunch the same command, stop it again: the run
+def test_sigterm_saves_then_relaunch_resumes(world, features, tokenizer_dir, tmp_path, capsys):
+    """Start ``vl pretrain`` in a subprocess, SIGTERM it once it has saved, relaunch on the same --out: the run
     continues where it stopped and every step is logged exactly once."""
     out = tmp_path / "run"
+    overrides = FAST + ["train.save_every=2"]
     command = [sys.executable, "-m", "vl", "pretrain", "--config", str(CONFIG), "--shards",
                world.shard_pattern("train"), "--features", str(features), "--out", str(out), "--tokenizer",
-               str(tokenizer_dir)] + [arg for item in FAST + ["train.steps=100000", "train.save_every=4"]
-                                      for arg in ("--set", item)]
+               str(tokenizer_dir)] + [arg for item in overrides + ["train.steps=100000"] for arg in ("--set", item)]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not list_checkpoints(out) and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.1)
+    assert process.poll() is None, process.communicate()[1][-2000:]
+    process.send_signal(signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr[-2000:]
+    assert "stopped by SIGTERM" in stdout + stderr
+    stopped = list_checkpoints(out)[-1][0]
+    assert stopped >= 2
+    state = torch.load(out / "checkpoints" / f"step-{stopped}" / "train_state.pt", weights_only=True)
+    assert state["step"] == stopped and sum(state["data"]["yielded"].values()) == stopped
 
-    def run_until_saved_beyond(step: int) -> tuple[int, str]:
-        process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and process.poll() is None:
-            if list_checkpoints(out) and list_checkpoints(out)[-1][0] > step:
-                break
-            time.sleep(0.1)
-        assert process.poll() is None, process.communicate()[1][-2000:]
-        process.send_signal(signal.SIGTERM)
-        stdout, stderr = process.communicate(timeout=120)
-        assert process.returncode == 130, stderr[-2000:]
-        assert "stopped by SIGTERM" in stdout + stderr
-        return list_checkpoints(out)[-1][0], stdout + stderr
-
-    first_stop, _ = run_until_saved_beyond(0)
-    second_stop, output = run_until_saved_beyond(first_stop)
-    assert f"resuming from {out / 'checkpoints' / f'step-{first_stop}'} (step {first_stop})" in output
-    assert second_stop > first_stop >= 4
-    assert [row["step"] for row in read_metrics(out / "metrics.jsonl")] == list(range(1, second_stop + 1))
-    state = torch.load(out / "checkpoints" / f"step-{second_stop}" / "train_state.pt", weights_only=True)
-    assert state["step"] == second_stop and sum(state["data"]["yielded"].values()) == second_stop
+    # The relaunch (here in-process, with an end in sight) picks the run up from the saved step.
+    run(world, features, tokenizer_dir, out, FAST + ["train.save_every=100", f"train.steps={stopped + 3}"])
+    assert f"resuming from {out / 'checkpoints' / f'step-{stopped}'} (step {stopped})" in capsys.readouterr().out
+    assert [row["step"] for row in read_metrics(out / "metrics.jsonl")] == list(range(1, stopped + 4))
 
 
 # ------------------------------------------------------------------------------------------ sources, CLI, learning
@@ -459,3 +472,23 @@ def test_init_from_our_run_hf_visualbert_and_a_text_run(world, features, tokeniz
     loaded = load_state_file(tmp_path / "from-text" / "model.safetensors")
     assert torch.allclose(loaded["fusion.text_embeddings.word_embeddings.weight"],
                           text_model.state_dict()["text_encoder.embeddings.word_embeddings.weight"], atol=1e-6)
+
+
+def test_itm_hard_negatives_are_mined_inside_the_forward(world, features, tokenizer_dir):
+    from vl.objectives import build_objective
+    from vl.train.pretrain_vl import VLPretrainer, build_model
+
+    cfg = load_pretrain_config(CONFIG, ["model.text.vocab_size=300", "objectives={itm: {}}"])
+    model, _, _ = build_model(cfg, None)
+    objectives = {"itm": build_objective("itm", model, {"hard_negatives": 2})}
+    module = VLPretrainer(model, objectives, {"itm": ("itm",)})
+    maker = maker_for(world, features, tokenizer_dir, {"itm": 1.0})
+    records = [CaptionRecord(image_id, "a large blue cross", str(image_id), "x")
+               for image_id in list(FeatureStore(features).ids())[:6]]
+    batch = maker(records, 0, torch.Generator().manual_seed(0), ordinal=0)
+    seen = []
+    module.heads.itm.register_forward_hook(lambda m, args, out: seen.append(out.shape[0]))
+    loss = module(batch)["itm"]
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert seen == [6 * 6, 6 + 6 * 2]  # every pair scored, then the batch and two mined negatives per caption
