@@ -207,7 +207,8 @@ class RegionRoIHeads(RoIHeads):
 
     Inference in ``forward`` is torchvision's (per-class NMS detections). Training adds ``loss_attributes``: on the
     sampled foreground RoIs, BCE between the attribute head (conditioned on the ground-truth class) and the
-    attributes of the matched ground-truth box, summed over attributes and averaged over foreground RoIs.
+    attributes of the matched ground-truth box, averaged over RoIs and attributes. (Summed over attributes it
+    outweighs the class loss early on and slows the learning of object classes several-fold.)
     """
 
     def __init__(self, *args, attr_head: AttributeHead | None = None, **kwargs) -> None:
@@ -245,8 +246,7 @@ class RegionRoIHeads(RoIHeads):
             return region_feats.sum() * 0.0
         logits = self.attr_head(region_feats[foreground], class_ids[foreground])
         attr_targets = torch.cat(attr_targets)[foreground].to(logits.dtype)
-        loss = F.binary_cross_entropy_with_logits(logits, attr_targets, reduction="sum")
-        return loss / foreground.sum()
+        return F.binary_cross_entropy_with_logits(logits, attr_targets)
 
 
 class _MultiScaleTransform(GeneralizedRCNNTransform):
