@@ -1,3 +1,4 @@
+import dataclasses
 from dataclasses import dataclass, field
 
 import pytest
@@ -33,8 +34,8 @@ def test_yaml_loads_into_nested_frozen_dataclasses(tmp_path):
     cfg = load_config(RunConfig, path)
     assert cfg.model.hidden_size == 64 and cfg.model.num_layers == 12
     assert cfg.optim.lr == pytest.approx(3e-4) and cfg.optim.betas == (0.8, 0.9)
-    with pytest.raises(Exception):
-        cfg.model.hidden_size = 1  # frozen
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.model.hidden_size = 1
 
 
 def test_round_trip_through_a_run_directory(tmp_path):

@@ -14,7 +14,8 @@ from vl.text.tokenizer import Tokenizer
 def _train(args: argparse.Namespace) -> int:
     tokenizer = Tokenizer.train(args.text, args.vocab_size, lowercase=not args.cased, min_frequency=args.min_frequency)
     tokenizer.save(args.out)
-    print(f"wrote {Path(args.out) / 'vocab.txt'} ({tokenizer.vocab_size} tokens, {'cased' if args.cased else 'uncased'})")
+    casing = "cased" if args.cased else "uncased"
+    print(f"wrote {Path(args.out) / 'vocab.txt'} ({tokenizer.vocab_size} tokens, {casing})")
     return 0
 
 
