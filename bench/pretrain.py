@@ -19,6 +19,9 @@ training step consumes.
 
     .venv/bin/python bench/pretrain.py [--steps 3] [--warmup 1] [--threads N] [--archs visualbert lxmert]
 
+On a machine other jobs share, use ``--threads 1``: two OpenMP threads competing with other processes for two cores
+spin and make every timing meaningless.
+
 Ends with one JSON line holding every figure.
 """
 
