@@ -79,6 +79,7 @@ def save_weights(model: nn.Module, path: str | os.PathLike) -> None:
     os.close(fd)
     try:
         save_file(state, tmp, metadata={"format": "pt", "producer": "vl-regions"})
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; weights are meant to be shared like any output
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -66,12 +66,14 @@ class TrainConfig:
     grad_clip: float = 10.0  # max gradient norm; 0 = off
     flip: bool = True  # random horizontal flips (left/right attribute words are swapped with the boxes)
     attribute_loss_weight: float = 1.0
+    attribute_pos_weight: float = 0.0  # > 0: weight rare attributes' positives by negatives/positives, capped here
     checkpoint_every: int = 200  # steps between checkpoints (one is always written at the end)
     keep_checkpoints: int = 2  # newest checkpoint directories kept
     eval_every: int = 0  # steps between validation runs; 0 = only at the end
     eval_batch_size: int = 8
     log_every: int = 10
     precision: Literal["fp32", "bf16"] = "fp32"  # bf16 autocast for the forward pass (fast on AVX-512 bf16/AMX CPUs)
+    channels_last: bool = True  # channels-last convolutions (faster on CPU)
     num_workers: int = 0  # DataLoader worker processes decoding images
     threads: int = 0  # torch CPU threads; 0 = torch's default
     seed: int = 0
@@ -168,6 +170,14 @@ class EpochSampler(Sampler):
         return self.size - self.start
 
 
+def attribute_pos_weights(dataset: DetectionTrainData, cap: float) -> torch.Tensor:
+    """Per attribute: (boxes without it) / (boxes with it), clamped to [1, cap]; (A,)."""
+    attributes = np.concatenate([item[3] for item in dataset.items]) if dataset.items else np.zeros((0, 0))
+    positives = torch.from_numpy(attributes.sum(0)).float()
+    negatives = len(attributes) - positives
+    return (negatives / positives.clamp_min(1.0)).clamp(1.0, cap)
+
+
 def _collate(samples: list[dict]) -> list[dict]:
     return samples
 
@@ -200,6 +210,7 @@ def _write_checkpoint(run: Path, model: RegionDetector, state: dict, keep: int) 
     try:
         save_weights(model, tmp / "model.safetensors")
         torch.save(state, tmp / "train_state.pt")
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -381,6 +392,8 @@ def train_detector(
     random.seed(tcfg.seed)
     model_cfg = cfg.detector if checkpoint is None else dataclasses.replace(cfg.detector, weights_path=None)
     model = RegionDetector(model_cfg)
+    if tcfg.channels_last:
+        model.use_channels_last()
     model.train()
     parameters = [p for p in model.parameters() if p.requires_grad]
     if tcfg.optimizer == "adamw":
@@ -389,6 +402,8 @@ def train_detector(
         optimizer = torch.optim.SGD(parameters, lr=tcfg.lr, momentum=tcfg.momentum, weight_decay=tcfg.weight_decay)
 
     dataset = DetectionTrainData(instances, images_dir, labels)
+    if model.num_attributes and tcfg.attribute_pos_weight > 0 and checkpoint is None:
+        model.roi_heads.attr_head.pos_weight.copy_(attribute_pos_weights(dataset, tcfg.attribute_pos_weight))
     if len(dataset) < tcfg.batch_size:
         raise UserError(f"{instances_path} has {len(dataset)} images, fewer than train.batch_size={tcfg.batch_size}")
     sampler = EpochSampler(len(dataset), tcfg.seed, tcfg.flip)
@@ -401,6 +416,7 @@ def train_detector(
         _truncate_log(run / "log.jsonl", step)
         print(f"resuming {run} from {checkpoint.name}", file=sys.stderr)
     problems = ProblemLog()
+    warned: set[str] = set()
     # Its own generator, so that creating an epoch's iterator does not draw from the global RNG (exact resume).
     loader = DataLoader(dataset, batch_size=tcfg.batch_size, sampler=sampler, num_workers=tcfg.num_workers,
                         collate_fn=_collate, drop_last=True, generator=torch.Generator().manual_seed(tcfg.seed))
@@ -415,8 +431,9 @@ def train_detector(
                 sampler.start += len(batch)
                 images, targets = [], []
                 for sample in batch:
-                    if sample["warning"]:
-                        problems.warn("image", sample["path"], sample["warning"])
+                    if sample["warning"] and sample["path"] not in warned:  # once per file, not per epoch
+                        warned.add(sample["path"])
+                        problems.warn_image(sample["path"], sample["warning"])
                     if sample["image"] is None:
                         continue
                     images.append(sample["image"].float().div_(255.0))

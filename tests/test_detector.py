@@ -91,6 +91,18 @@ def test_forward_backward_and_inference_contract(box_head_convs):
     assert model.feature_dim == 32 and model.num_classes == 3 and model.num_attributes == 4
 
 
+def test_boxes_are_decoded_in_float32_under_bf16_autocast():
+    model = tiny_detector().eval()
+    images, _ = synthetic_batch()
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        detections = model.detect_resized(images)
+        regions = model.extract_regions(images, BoxSelection(num_boxes=5))
+    for boxes in (detections[0]["boxes"], regions[0]["boxes"]):
+        assert boxes.dtype == torch.float32
+        # bf16 would round coordinates in [32, 64) to multiples of 0.25
+        assert ((boxes * 4) % 1 != 0).any()
+
+
 def test_feature_dim_is_backbone_width_by_default():
     model = tiny_detector(representation_size=None, attribute_head=False)
     assert model.feature_dim == model.backbone.width == 192  # test_resnet stage 3 (out_indices end at 3)
