@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from region_features.detector import resized_shape
 from region_features.images import ImageFileDataset as _DecodedImages
 from region_features.images import ProblemLog, collate_image_items, load_image
+from vl.atomic import atomic_output
 from vl.config import atomic_write_text
 from vl.errors import UserError
 
@@ -75,15 +76,8 @@ def save_weights(model: nn.Module, path: str | os.PathLike) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {name: tensor.detach().contiguous() for name, tensor in model.state_dict().items()}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(state, tmp, metadata={"format": "pt", "producer": "vl-regions"})
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; weights are meant to be shared like any output
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_output(path) as tmp:
+        save_file(state, str(tmp), metadata={"format": "pt", "producer": "vl-regions"})
 
 
 def load_weights(model: nn.Module, path: str | os.PathLike) -> None:

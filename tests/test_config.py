@@ -1,9 +1,11 @@
 import dataclasses
+import os
 from dataclasses import dataclass, field
 
 import pytest
 import yaml
 
+from vl.atomic import atomic_output
 from vl.config import ConfigError, from_dict, load_config, save_config, to_dict
 from vl.encoders.text import TextEncoderConfig
 
@@ -93,3 +95,16 @@ def test_missing_and_malformed_files(tmp_path):
 def test_from_dict_rejects_non_mappings():
     with pytest.raises(ConfigError):
         from_dict(RunConfig, [1, 2])
+
+
+def test_atomic_output_files_get_ordinary_permissions_and_failures_leave_nothing(tmp_path):
+    old = os.umask(0o022)
+    try:
+        path = save_config(RunConfig(), tmp_path / "run")
+        assert path.stat().st_mode & 0o777 == 0o644  # not mkstemp's private 0600
+        with pytest.raises(RuntimeError), atomic_output(tmp_path / "half.bin") as tmp:
+            tmp.write_bytes(b"partial")
+            raise RuntimeError("interrupted")
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+    finally:
+        os.umask(old)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import tempfile
 import types
 import typing
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import Any, TypeVar
 
 import yaml
 
+from vl.atomic import atomic_output
 from vl.errors import UserError
 
 T = TypeVar("T")
@@ -182,6 +182,43 @@ def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
     return data
 
 
+def read_run_config(
+    path: str | os.PathLike | None,
+    overrides: list[str] | tuple[str, ...] = (),
+    defaults: dict[str, Any] | None = None,
+    heads_from_model: bool = False,
+) -> tuple[dict[str, Any], str]:
+    """A run config file as a mapping, with ``--set`` overrides applied, and a description of its source.
+
+    ``model:`` may name a model config file (``uniter-tiny.yaml``: relative to the config's directory, else to the
+    working directory); its ``model:`` section is read in, and with ``heads_from_model`` its ``heads:`` too when the
+    run config has none. Overrides apply after that (``model.text.num_layers=2`` works). Without ``path`` the
+    mapping starts from ``defaults``.
+    """
+    data: dict[str, Any] = dict(defaults or {})
+    source = "defaults"
+    if path is not None:
+        path = Path(path)
+        data = read_yaml(path)
+        source = str(path)
+        model = data.get("model")
+        if isinstance(model, str):
+            candidates = [path.parent / model, Path(model)]
+            model_path = next((p for p in candidates if p.is_file()), None)
+            if model_path is None:
+                raise ConfigError(f"model: file {model!r} named in {path} not found (looked in {path.parent} and "
+                                  f"{Path.cwd()})")
+            model_data = read_yaml(model_path)
+            data["model"] = model_data.get("model", model_data)
+            if heads_from_model and "heads" not in data and isinstance(model_data.get("heads"), dict):
+                data["heads"] = model_data["heads"]
+            source = f"{path} (model from {model_path})"
+    if overrides:
+        data = apply_overrides(data, list(overrides))
+        source = f"{source} (with --set {' '.join(overrides)})"
+    return data, source
+
+
 def load_config(cls: type[T], path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> T:
     """Load ``cls`` from a YAML file (or its defaults when ``path`` is None) and apply ``--set`` overrides."""
     data = read_yaml(path) if path is not None else {}
@@ -194,16 +231,8 @@ def load_config(cls: type[T], path: str | os.PathLike | None = None, overrides: 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary file and a rename, so no half-written file is ever seen."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_output(path) as tmp:
+        tmp.write_text(text)
 
 
 def save_config(cfg: Any, run_dir: str | os.PathLike, name: str = "config.yaml") -> Path:

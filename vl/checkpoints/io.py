@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import tempfile
 import zipfile
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ import safetensors.torch
 import torch
 from torch import nn
 
+from vl.atomic import atomic_output
 from vl.errors import UserError
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
@@ -90,15 +90,8 @@ def save_weights(state_dict: Mapping[str, torch.Tensor], path: str | os.PathLike
     header = {"format": "pt", **(metadata or {})}
     if aliases:
         header[ALIASES_METADATA_KEY] = json.dumps(aliases, sort_keys=True)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        safetensors.torch.save_file(tensors, tmp, metadata=header)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_output(path) as tmp:
+        safetensors.torch.save_file(tensors, str(tmp), metadata=header)
     return path
 
 

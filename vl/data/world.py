@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from vl.atomic import atomic_output, publish
 from vl.config import atomic_write_text
 from vl.data.world_language import YesNoBalancer, describe_scene, make_captions, make_questions
 from vl.data.world_scene import (
@@ -210,15 +211,8 @@ def _json_text(obj: Any) -> str:
 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_output(path) as tmp:
+        tmp.write_bytes(data)
 
 
 class _ShardWriter:
@@ -252,7 +246,7 @@ class _ShardWriter:
             return
         self.tar.close()
         final = self.directory / f"{self.split}-{self.shard_index:06d}.tar"
-        os.replace(self.tmp_path, final)
+        publish(self.tmp_path, final)
         self.written.append(final)
         self.tar = None
         self.tmp_path = None
