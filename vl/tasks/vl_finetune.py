@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from vl.config import ConfigError, apply_overrides, read_yaml
+from vl.config import read_run_config, read_yaml
 from vl.errors import UserError
 from vl.fusion.base import FusionConfig, fusion_config_from_dict
 from vl.fusion.pretraining import HeadsConfig, VLPretrainingModel, build_pretraining_model
@@ -54,31 +54,8 @@ def note(message: str) -> None:
 
 def read_task_config(path: str | os.PathLike | None, overrides: Sequence[str] = (),
                      defaults: dict[str, Any] | None = None) -> tuple[dict[str, Any], str]:
-    """A fine-tuning config file as a mapping, with ``--set`` overrides applied, and a description of its source.
-
-    ``model:`` may name a model config file (``uniter-tiny.yaml``: relative to the config's directory, else to the
-    working directory); its ``model:`` section is read in. Without ``path`` the mapping starts from ``defaults``.
-    """
-    data: dict[str, Any] = dict(defaults or {})
-    source = "defaults"
-    if path is not None:
-        path = Path(path)
-        data = read_yaml(path)
-        source = str(path)
-        model = data.get("model")
-        if isinstance(model, str):
-            candidates = [path.parent / model, Path(model)]
-            model_path = next((p for p in candidates if p.is_file()), None)
-            if model_path is None:
-                raise ConfigError(f"model: file {model!r} named in {path} not found (looked in {path.parent} and "
-                                  f"{Path.cwd()})")
-            model_data = read_yaml(model_path)
-            data["model"] = model_data.get("model", model_data)
-            source = f"{path} (model from {model_path})"
-    if overrides:
-        data = apply_overrides(data, list(overrides))
-        source = f"{source} (with --set {' '.join(overrides)})"
-    return data, source
+    """A fine-tuning config file as a mapping with ``--set`` overrides applied (``vl.config.read_run_config``)."""
+    return read_run_config(path, tuple(overrides), defaults)
 
 
 # --------------------------------------------------------------------------------------------------------------

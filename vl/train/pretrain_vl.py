@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from vl.config import ConfigError, apply_overrides, atomic_write_text, from_dict, read_yaml
+from vl.config import atomic_write_text, from_dict, read_run_config, read_yaml
 from vl.data.shards import FaultCounter, ShardStream, StreamConfig, expand_shards, read_records
 from vl.data.vl_batches import SUM_TASK, PretrainBatchMaker, PretrainDataConfig, PretrainStream, TaskMixer
 from vl.data.vl_masking import VLBatchPlan, concat_batches, unmask_batch
@@ -101,24 +101,7 @@ def load_pretrain_config(path: str | os.PathLike, overrides: Sequence[str] = ())
     ``--set`` overrides address the run config's layout (``train.steps=10``, ``model.text.num_layers=2``); they
     are applied after a referenced model file is read.
     """
-    path = Path(path)
-    data = read_yaml(path)
-    source = str(path)
-    model = data.get("model")
-    if isinstance(model, str):
-        candidates = [path.parent / model, Path(model)]
-        model_path = next((p for p in candidates if p.is_file()), None)
-        if model_path is None:
-            raise ConfigError(f"model: file {model!r} named in {path} not found (looked in {path.parent} and "
-                              f"{Path.cwd()})")
-        model_data = read_yaml(model_path)
-        data["model"] = model_data.get("model", model_data)
-        if "heads" not in data and isinstance(model_data.get("heads"), dict):
-            data["heads"] = model_data["heads"]
-        source = f"{path} (model from {model_path})"
-    if overrides:
-        data = apply_overrides(data, list(overrides))
-        source = f"{source} (with --set {' '.join(overrides)})"
+    data, source = read_run_config(path, tuple(overrides), heads_from_model=True)
     return from_dict(VLPretrainConfig, data, source=source)
 
 
