@@ -11,13 +11,17 @@ AdamW) on a batch of 16 captions of 20 tokens and 36 regions of 2048-d features,
 
 It prints samples/s, the ratios to Hugging Face's fp32 speed, and achieved TFLOP/s as a fraction of the measured
 matmul peak of the same precision. Only the FLOPs the objectives need count: those of our implementation, which
-runs the MLM and region heads at masked positions only (``torch.utils.flop_counter``; backward included).
+runs the MLM and region heads at masked positions only and the last layer's queries, attention output and
+feed-forward only at the rows those heads and the pooler read (``torch.utils.flop_counter``; backward included).
+
+``--compile`` adds ``ours_compiled_{fp32,bf16}``: the same step with ``nn.Module.compile()`` on our module (what
+``train.compile: true`` does), timed after a warm-up that includes the compilation (``compile_s``).
 
 The input pipeline (shard reading and JSON decoding, the store join, tokenisation, masking, collation) is timed
 alone on synthetic shards and a synthetic 36 x 2048-d store, in one process, and compared with what the fastest
 training step consumes.
 
-    .venv/bin/python bench/pretrain.py [--steps 3] [--warmup 1] [--threads N] [--archs visualbert lxmert]
+    .venv/bin/python bench/pretrain.py [--steps 3] [--warmup 1] [--threads N] [--archs visualbert lxmert] [--compile]
 
 On a machine other jobs share, use ``--threads 1``: two OpenMP threads competing with other processes for two cores
 spin and make every timing meaningless.
@@ -149,14 +153,22 @@ def hf_loss(arch: str, model, inputs) -> torch.Tensor:
 
 def time_training(step, warmup: int, steps: int) -> float:
     """Median seconds per call of ``step`` after ``warmup`` calls."""
-    for _ in range(warmup):
-        step()
-    times = []
+    return time_interleaved({"step": step}, warmup, steps)["step"]
+
+
+def time_interleaved(steps_by_name: dict, warmup: int, steps: int) -> dict[str, float]:
+    """Median seconds per call of each step function, calling them in turn (after ``warmup`` calls of each), so that
+    a change of load on a shared machine affects all of them alike."""
+    for step in steps_by_name.values():
+        for _ in range(warmup):
+            step()
+    times: dict[str, list[float]] = {name: [] for name in steps_by_name}
     for _ in range(steps):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for name, step in steps_by_name.items():
+            start = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def make_step(model, loss_fn, precision: str):
@@ -185,41 +197,57 @@ def needed_flops(module, batch) -> float:
     return float(counter.get_total_flops())
 
 
-def bench_arch(arch: str, warmup: int, steps: int, peaks: dict[str, float]) -> dict:
+def bench_arch(arch: str, warmup: int, steps: int, peaks: dict[str, float], compile_ours: bool = False) -> dict:
     module, model_cfg, heads = build_ours(arch)
     vocab = model_cfg.text.vocab_size
     batch = make_batch(arch, vocab, 1600)
     flops = needed_flops(module, batch)
     result: dict = {"needed_gflop_per_step": round(flops / 1e9, 1),
                     "params_M": round(sum(p.numel() for p in module.parameters()) / 1e6, 1)}
-    for precision in ("fp32", "bf16"):
-        step, optimizer = make_step(module, lambda m=module: sum(m(batch).values()), precision)
-        seconds = time_training(step, warmup, steps)
-        result[f"ours_{precision}"] = {"samples_per_s": round(BATCH / seconds, 2), "step_s": round(seconds, 3),
-                                       "tflops": round(flops / seconds / 1e12, 4),
-                                       "fraction_of_peak": round(flops / seconds / 1e12 / peaks[precision], 3)}
-        print(f"{arch} ours {precision}: {result[f'ours_{precision}']}", file=sys.stderr)
-        del step, optimizer
-        gc.collect()
-    del module
-    gc.collect()
     hf_model = build_hf(arch, model_cfg, heads)
     inputs = hf_inputs(arch, batch)
-    for precision in ("fp32", "bf16"):
-        step, optimizer = make_step(hf_model, lambda m=hf_model: hf_loss(arch, m, inputs), precision)
-        seconds = time_training(step, warmup, steps)
-        result[f"hf_{precision}"] = {"samples_per_s": round(BATCH / seconds, 2), "step_s": round(seconds, 3),
-                                     "useful_tflops": round(flops / seconds / 1e12, 4)}
+    for precision in ("fp32", "bf16"):  # ours and Hugging Face's steps alternate
+        ours_step, ours_optimizer = make_step(module, lambda m=module: sum(m(batch).values()), precision)
+        hf_step, hf_optimizer = make_step(hf_model, lambda m=hf_model: hf_loss(arch, m, inputs), precision)
+        seconds = time_interleaved({"ours": ours_step, "hf": hf_step}, warmup, steps)
+        result[f"ours_{precision}"] = {"samples_per_s": round(BATCH / seconds["ours"], 2),
+                                       "step_s": round(seconds["ours"], 3),
+                                       "tflops": round(flops / seconds["ours"] / 1e12, 4),
+                                       "fraction_of_peak": round(flops / seconds["ours"] / 1e12 / peaks[precision], 3)}
+        result[f"hf_{precision}"] = {"samples_per_s": round(BATCH / seconds["hf"], 2),
+                                     "step_s": round(seconds["hf"], 3),
+                                     "useful_tflops": round(flops / seconds["hf"] / 1e12, 4)}
+        print(f"{arch} ours {precision}: {result[f'ours_{precision}']}", file=sys.stderr)
         print(f"{arch} hf {precision}: {result[f'hf_{precision}']}", file=sys.stderr)
-        del step, optimizer
+        del ours_step, ours_optimizer, hf_step, hf_optimizer
         gc.collect()
     del hf_model
+    gc.collect()
+    if compile_ours:
+        module.compile()
+        for precision in ("fp32", "bf16"):
+            step, optimizer = make_step(module, lambda m=module: sum(m(batch).values()), precision)
+            start = time.perf_counter()
+            step()  # compiles
+            compile_s = time.perf_counter() - start
+            seconds = time_training(step, warmup, steps)
+            result[f"ours_compiled_{precision}"] = {
+                "samples_per_s": round(BATCH / seconds, 2), "step_s": round(seconds, 3),
+                "compile_s": round(compile_s, 1),
+                "fraction_of_peak": round(flops / seconds / 1e12 / peaks[precision], 3)}
+            print(f"{arch} ours compiled {precision}: {result[f'ours_compiled_{precision}']}", file=sys.stderr)
+            del step, optimizer
+            gc.collect()
+    del module
     gc.collect()
     hf_fp32 = result["hf_fp32"]["samples_per_s"]
     result["ours_fp32_vs_hf_fp32"] = round(result["ours_fp32"]["samples_per_s"] / hf_fp32, 2)
     result["ours_bf16_vs_hf_fp32"] = round(result["ours_bf16"]["samples_per_s"] / hf_fp32, 2)
     result["ours_bf16_vs_hf_bf16"] = round(result["ours_bf16"]["samples_per_s"] / result["hf_bf16"]["samples_per_s"],
                                            2)
+    for precision in ("fp32", "bf16") if compile_ours else ():
+        result[f"ours_compiled_{precision}_vs_hf_fp32"] = round(
+            result[f"ours_compiled_{precision}"]["samples_per_s"] / hf_fp32, 2)
     return result
 
 
@@ -299,6 +327,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     parser.add_argument("--pipeline-images", type=int, default=512)
     parser.add_argument("--pipeline-batches", type=int, default=60)
+    parser.add_argument("--compile", action="store_true", help="also time our step under torch.compile")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -308,7 +337,7 @@ def main() -> None:
                      "feature_dim": FEATURE_DIM, "threads": torch.get_num_threads(),
                      "peak_tflops": {k: round(v, 4) for k, v in peaks.items()}}
     for arch in args.archs:
-        figures[arch] = bench_arch(arch, args.warmup, args.steps, peaks)
+        figures[arch] = bench_arch(arch, args.warmup, args.steps, peaks, args.compile)
     pipeline = bench_pipeline(args.pipeline_images, args.pipeline_batches)
     fastest = max(figures[arch]["ours_bf16"]["samples_per_s"] for arch in args.archs)
     pipeline["training_consumes_samples_per_s"] = fastest

@@ -44,7 +44,13 @@ class MLMHead(nn.Module):
         self.decoder.weight = word_embeddings.weight
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.decoder(self.transform(hidden))
+        transformed = self.transform(hidden)  # (..., E)
+        flat = transformed.reshape(-1, transformed.shape[-1])  # (N, E)
+        # (W h^T + b)^T rather than h W^T + b: the weight gradient then comes back as a plain (V, E) tensor, not a
+        # transposed view, and the tied word embeddings' gradient is added to it in place instead of into a
+        # freshly allocated (V, E) tensor.
+        logits = torch.addmm(self.decoder.bias[:, None], self.decoder.weight, flat.t()).t()  # (N, V)
+        return logits.reshape(*transformed.shape[:-1], logits.shape[-1])  # (..., V)
 
 
 class RegionHead(nn.Module):

@@ -7,6 +7,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from vl.encoders.transformer import Dropout
 from vl.errors import UserError
 
 GEOMETRY_KINDS = {"lxmert4": 4, "vilbert5": 5, "uniter7": 7}
@@ -68,7 +69,7 @@ class RegionEmbeddings(nn.Module):
         self.type_embeddings = nn.Embedding(num_types, hidden_size) if num_types else None
         self.position_embeddings = nn.Embedding(num_positions, hidden_size) if num_positions else None
         self.norm = nn.LayerNorm(hidden_size, eps=layer_norm_eps) if final_norm else None
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.feature_dim = feature_dim
         self.geometry_dim = geometry_dim
         self.combine = combine

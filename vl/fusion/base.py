@@ -233,6 +233,11 @@ class VLOutput:
     pooled_region: (B, H_v) mean of ``region_hidden`` over real regions, or ViLBERT's image pooler output (B, H).
     The per-stream summaries serve contrastive losses and first-stage retrieval. Hidden states at padded
     positions are unspecified; nothing downstream should read them.
+
+    A model called with ``rows`` (``OutputRows``) computes its last layer at those rows only: ``text_hidden`` /
+    ``region_hidden`` are exact at the requested rows (and at [CLS], which ``pooled`` reads) and zero or exact
+    elsewhere, and the masked means of a restricted stream (``pooled_text`` / ``pooled_region`` under "text_cls"
+    pooling) are None.
     """
 
     text_hidden: torch.Tensor
@@ -240,6 +245,30 @@ class VLOutput:
     pooled: torch.Tensor
     pooled_text: torch.Tensor | None = None
     pooled_region: torch.Tensor | None = None
+
+
+@dataclass
+class OutputRows:
+    """The positions at which a caller reads a fusion model's last hidden states (heads at masked positions).
+
+    text: bool (B, T), regions: bool (B, R); None = every position of that stream. The model adds the rows its
+    pooling reads ([CLS]; ViLBERT's first region). Keys and values of the last layer still come from every
+    position; only its queries, attention output, feed-forward and final norm are restricted to these rows.
+    """
+
+    text: torch.Tensor | None = None
+    regions: torch.Tensor | None = None
+
+    def with_first(self, text: bool, regions: bool) -> OutputRows:
+        """A copy with position 0 of the text and / or region rows set (the rows a pooler reads)."""
+        text_rows, region_rows = self.text, self.regions
+        if text and text_rows is not None:
+            text_rows = text_rows.bool().clone()
+            text_rows[:, 0] = True
+        if regions and region_rows is not None:
+            region_rows = region_rows.bool().clone()
+            region_rows[:, 0] = True
+        return OutputRows(text_rows, region_rows)
 
 
 def key_padding_mask(padding_mask: torch.Tensor | None) -> torch.Tensor | None:

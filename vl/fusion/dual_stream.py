@@ -25,9 +25,12 @@ from vl.encoders.transformer import (
     Residual,
     TextEmbeddings,
     TransformerLayer,
+    gather_rows,
     init_bert_weights,
+    row_positions,
+    scatter_rows,
 )
-from vl.fusion.base import FusionConfig, VLOutput, key_padding_mask, masked_mean, read_batch
+from vl.fusion.base import FusionConfig, OutputRows, VLOutput, key_padding_mask, masked_mean, read_batch
 from vl.fusion.single_stream import build_region_embeddings, embed_regions, init_visual_tables
 
 
@@ -49,13 +52,19 @@ class LxmertCrossLayer(nn.Module):
                                              activation, pre_ln)
 
     def forward(self, text: torch.Tensor, text_mask: torch.Tensor | None, regions: torch.Tensor,
-                region_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """text (B, T, D), regions (B, R, D); masks bool (B, 1, 1, T|R) or None -> updated (text, regions)."""
+                region_mask: torch.Tensor | None, text_positions: torch.Tensor | None = None,
+                region_positions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """text (B, T, D), regions (B, R, D); masks bool (B, 1, 1, T|R) or None -> updated (text, regions).
+
+        ``text_positions`` (B, M) / ``region_positions`` (B, N): return only those rows of a stream, (B, M, D) /
+        (B, N, D). The cross-attention still runs at every position: the self-attention's keys need them all.
+        """
         text_attended = self.cross_residual(
             text, lambda h: self.cross_attention(h, regions, attn_mask=region_mask))  # (B, T, D)
         regions_attended = self.cross_residual(
             regions, lambda h: self.cross_attention(h, text, attn_mask=text_mask))  # (B, R, D)
-        return self.text_layer(text_attended, text_mask), self.vision_layer(regions_attended, region_mask)
+        return (self.text_layer(text_attended, text_mask, positions=text_positions),
+                self.vision_layer(regions_attended, region_mask, positions=region_positions))
 
 
 class CoAttentionBlock(nn.Module):
@@ -81,12 +90,19 @@ class CoAttentionBlock(nn.Module):
         self.vision_ffn_residual = Residual(vision_dim, dropout, layer_norm_eps, pre_ln)
 
     def forward(self, text: torch.Tensor, text_mask: torch.Tensor | None, regions: torch.Tensor,
-                region_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """text (B, T, D_t), regions (B, R, D_v); masks bool (B, 1, 1, T|R) or None -> updated (text, regions)."""
+                region_mask: torch.Tensor | None, text_positions: torch.Tensor | None = None,
+                region_positions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """text (B, T, D_t), regions (B, R, D_v); masks bool (B, 1, 1, T|R) or None -> updated (text, regions).
+
+        ``text_positions`` (B, M) / ``region_positions`` (B, N): return only those rows of a stream (its queries
+        and feed-forward run there only), (B, M, D_t) / (B, N, D_v).
+        """
+        text_queries = text if text_positions is None else gather_rows(text, text_positions)  # (B, T|M, D_t)
+        region_queries = regions if region_positions is None else gather_rows(regions, region_positions)
         text_attended = self.text_cross_residual(
-            text, lambda h: self.text_cross_attention(h, regions, attn_mask=region_mask))  # (B, T, D_t)
+            text_queries, lambda h: self.text_cross_attention(h, regions, attn_mask=region_mask))  # (B, T, D_t)
         regions_attended = self.vision_cross_residual(
-            regions, lambda h: self.vision_cross_attention(h, text, attn_mask=text_mask))  # (B, R, D_v)
+            region_queries, lambda h: self.vision_cross_attention(h, text, attn_mask=text_mask))  # (B, R, D_v)
         return (self.text_ffn_residual(text_attended, self.text_ffn),
                 self.vision_ffn_residual(regions_attended, self.vision_ffn))
 
@@ -144,42 +160,75 @@ class DualStreamModel(nn.Module):
         init_visual_tables(self.text_embeddings, self.region_embeddings)
 
     def _run_streams(self, text: torch.Tensor, text_mask: torch.Tensor | None, regions: torch.Tensor,
-                     region_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+                     region_mask: torch.Tensor | None, text_positions: torch.Tensor | None = None,
+                     region_positions: torch.Tensor | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor, bool, bool]:
+        """Both streams through their layers -> (text, regions, text_restricted, regions_restricted).
+
+        With ``text_positions`` / ``region_positions`` the last module of that stream computes those rows only,
+        and the stream comes back as (B, M, H) with its flag set (a stream with no layer at all comes back whole).
+        """
+        cross = self.cfg.cross
+        num_text, num_vision = len(self.text_layers), len(self.vision_layers)
         text_done = vision_done = 0
-        if self.cfg.cross.kind == "coattention":
-            for block, (text_until, vision_until) in zip(self.cross_layers, self.cfg.cross.coattn_layers):
+        text_restricted = region_restricted = False
+        if cross.kind == "coattention":
+            last_block = len(self.cross_layers) - 1
+            for index, (block, (text_until, vision_until)) in enumerate(zip(self.cross_layers, cross.coattn_layers)):
                 for layer in self.text_layers[text_done:text_until]:
                     text = layer(text, text_mask)
                 for layer in self.vision_layers[vision_done:vision_until]:
                     regions = layer(regions, region_mask)
-                text, regions = block(text, text_mask, regions, region_mask)
+                text_last = index == last_block and text_until == num_text and text_positions is not None
+                region_last = index == last_block and vision_until == num_vision and region_positions is not None
+                text, regions = block(text, text_mask, regions, region_mask, text_positions if text_last else None,
+                                      region_positions if region_last else None)
+                text_restricted, region_restricted = text_last, region_last
                 text_done, vision_done = text_until, vision_until
-        for layer in self.text_layers[text_done:]:
-            text = layer(text, text_mask)
-        for layer in self.vision_layers[vision_done:]:
-            regions = layer(regions, region_mask)
-        if self.cfg.cross.kind == "lxmert":
-            for cross_layer in self.cross_layers:
-                text, regions = cross_layer(text, text_mask, regions, region_mask)
+        streams_last = cross.kind == "coattention" or not self.cross_layers  # stream layers end their stream
+        for index, layer in enumerate(self.text_layers[text_done:], start=text_done):
+            last = streams_last and index == num_text - 1 and text_positions is not None
+            text = layer(text, text_mask, positions=text_positions if last else None)
+            text_restricted = text_restricted or last
+        for index, layer in enumerate(self.vision_layers[vision_done:], start=vision_done):
+            last = streams_last and index == num_vision - 1 and region_positions is not None
+            regions = layer(regions, region_mask, positions=region_positions if last else None)
+            region_restricted = region_restricted or last
+        if cross.kind == "lxmert":
+            for index, cross_layer in enumerate(self.cross_layers):
+                last = index == len(self.cross_layers) - 1
+                text, regions = cross_layer(text, text_mask, regions, region_mask,
+                                            text_positions if last else None, region_positions if last else None)
+                text_restricted, region_restricted = last and text_positions is not None, \
+                    last and region_positions is not None
         if self.text_final_norm is not None:
             text, regions = self.text_final_norm(text), self.vision_final_norm(regions)
-        return text, regions
+        return text, regions, text_restricted, region_restricted
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> VLOutput:
+    def forward(self, batch: dict[str, torch.Tensor], rows: OutputRows | None = None) -> VLOutput:
+        """``rows``: compute the last layers at these positions only (see ``OutputRows`` and ``VLOutput``)."""
         inputs = read_batch(batch, self.cfg)
         attention_mask, region_mask = inputs["attention_mask"], inputs["region_mask"]
         text = self.text_embeddings(inputs["input_ids"], inputs["token_type_ids"])  # (B, T, H_t)
         regions = embed_regions(self.cfg, self.text_embeddings, self.region_embeddings,
                                 inputs["region_feats"], inputs["region_boxes"])  # (B, R, H_v)
-        text_hidden, region_hidden = self._run_streams(
-            text, key_padding_mask(attention_mask), regions, key_padding_mask(region_mask))
+        rows = (rows or OutputRows()).with_first(text=True, regions=self.cfg.pooling == "product")
+        text_positions = row_positions(rows.text) if rows.text is not None else None  # (B, M)
+        region_positions = row_positions(rows.regions) if rows.regions is not None else None  # (B, N)
+        text_hidden, region_hidden, text_restricted, region_restricted = self._run_streams(
+            text, key_padding_mask(attention_mask), regions, key_padding_mask(region_mask), text_positions,
+            region_positions)
+        if text_restricted:
+            text_hidden = scatter_rows(text_hidden, text_positions, text.shape[1])  # (B, T, H_t)
+        if region_restricted:
+            region_hidden = scatter_rows(region_hidden, region_positions, regions.shape[1])  # (B, R, H_v)
         if self.cfg.pooling == "text_cls":
             return VLOutput(
                 text_hidden=text_hidden,
                 region_hidden=region_hidden,
                 pooled=self.pooler(text_hidden),
-                pooled_text=masked_mean(text_hidden, attention_mask),
-                pooled_region=masked_mean(region_hidden, region_mask),
+                pooled_text=masked_mean(text_hidden, attention_mask) if rows.text is None else None,
+                pooled_region=masked_mean(region_hidden, region_mask) if rows.regions is None else None,
             )
         pooled_text = torch.relu(self.text_pooler(text_hidden[:, 0]))  # (B, H)
         pooled_region = torch.relu(self.vision_pooler(region_hidden[:, 0]))  # (B, H)

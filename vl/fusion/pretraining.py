@@ -17,6 +17,7 @@ A run directory holds ``config.yaml`` with a ``model:`` section (``FusionConfig`
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -25,7 +26,7 @@ from torch import nn
 from vl.config import ConfigError, apply_overrides, from_dict, read_yaml
 from vl.encoders.heads import AnswerHead, MLMHead, RegionHead
 from vl.encoders.transformer import init_bert_weights
-from vl.fusion.base import FusionConfig, VLOutput, fusion_config_from_dict
+from vl.fusion.base import FusionConfig, OutputRows, VLOutput, fusion_config_from_dict
 
 
 @dataclass(frozen=True)
@@ -66,7 +67,8 @@ class VLHeads(nn.Module):
 class VLPretrainingModel(nn.Module):
     """``fusion`` (any registered fusion model) + ``heads`` (``VLHeads``); ``model(batch) -> VLOutput``.
 
-    Objectives call the heads on the output themselves, at the positions that have targets.
+    Objectives call the heads on the output themselves, at the positions that have targets; ``rows``
+    (``head_rows``) lets the fusion model compute its last layer at those positions only.
     """
 
     def __init__(self, fusion: nn.Module, heads_cfg: HeadsConfig | None = None):
@@ -78,8 +80,52 @@ class VLPretrainingModel(nn.Module):
     def cfg(self) -> FusionConfig:
         return self.fusion.cfg
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> VLOutput:
-        return self.fusion(batch)
+    def forward(self, batch: dict[str, torch.Tensor], rows: OutputRows | None = None) -> VLOutput:
+        return self.fusion(batch, rows) if rows is not None else self.fusion(batch)
+
+
+# Where each pretraining objective reads the last hidden states: (stream, batch key of its selection) for the
+# heads at masked positions, "pooled" for heads on the pooled output ([CLS], which the models always compute).
+HEAD_ROWS: dict[str, tuple[str, str] | str] = {
+    "mlm": ("text", "mlm_labels"),
+    "mrc": ("regions", "mrm_class_targets"),
+    "mrc_kl": ("regions", "mrm_mask"),
+    "mrfr": ("regions", "mrm_mask"),
+    "itm": "pooled",
+    "qa": "pooled",
+}
+
+
+def head_rows(batch: dict, objectives: Sequence[str]) -> OutputRows | None:
+    """The rows ``objectives`` read, from the batch's targets; None when one of them may read any row.
+
+    mlm: text rows with ``mlm_labels != -100``; mrc: regions with ``mrm_class_targets != -100``; mrc_kl, mrfr:
+    ``mrm_mask``; itm, qa: the pooled output only. An objective not in ``HEAD_ROWS`` (wra reads every pair of
+    positions) or a missing target key gives None: compute every row.
+    """
+    selected: dict[str, torch.Tensor] = {}
+    for name in objectives:
+        reads = HEAD_ROWS.get(name)
+        if reads is None:
+            return None
+        if reads == "pooled":
+            continue
+        stream, key = reads
+        target = batch.get(key)
+        if not isinstance(target, torch.Tensor):
+            return None
+        chosen = target.bool() if key == "mrm_mask" else target != -100  # (B, T) or (B, R)
+        selected[stream] = selected[stream] | chosen if stream in selected else chosen
+    input_ids = batch.get("input_ids")
+    region_feats = batch.get("region_feats")
+    if not isinstance(input_ids, torch.Tensor) or not isinstance(region_feats, torch.Tensor):
+        return None
+    text = selected.get("text", torch.zeros(input_ids.shape, dtype=torch.bool, device=input_ids.device))
+    regions = selected.get("regions", torch.zeros(region_feats.shape[:2], dtype=torch.bool,
+                                                  device=region_feats.device))
+    if text.shape != input_ids.shape or regions.shape != region_feats.shape[:2]:
+        return None
+    return OutputRows(text=text, regions=regions)
 
 
 def build_pretraining_model(cfg: FusionConfig, heads_cfg: HeadsConfig | None = None) -> VLPretrainingModel:

@@ -18,7 +18,7 @@ from torch import nn
 from vl.encoders.regions import RegionEmbeddings
 from vl.encoders.text import Pooler
 from vl.encoders.transformer import TextEmbeddings, TransformerEncoder, init_bert_weights
-from vl.fusion.base import FusionConfig, VLOutput, key_padding_mask, masked_mean, read_batch
+from vl.fusion.base import FusionConfig, OutputRows, VLOutput, key_padding_mask, masked_mean, read_batch
 
 
 def build_region_embeddings(cfg: FusionConfig, hidden_size: int) -> RegionEmbeddings:
@@ -88,7 +88,8 @@ class SingleStreamModel(nn.Module):
         self.apply(lambda module: init_bert_weights(module, text.init_std))
         init_visual_tables(self.text_embeddings, self.region_embeddings)
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> VLOutput:
+    def forward(self, batch: dict[str, torch.Tensor], rows: OutputRows | None = None) -> VLOutput:
+        """``rows``: compute the last layer at these positions only (see ``OutputRows`` and ``VLOutput``)."""
         inputs = read_batch(batch, self.cfg)
         input_ids, attention_mask, region_mask = inputs["input_ids"], inputs["attention_mask"], inputs["region_mask"]
         text_tokens = self.text_embeddings(input_ids, inputs["token_type_ids"])  # (B, T, H)
@@ -100,12 +101,21 @@ class SingleStreamModel(nn.Module):
             text_part = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
             region_part = region_mask if region_mask is not None else region_tokens.new_ones(region_tokens.shape[:2])
             joint_mask = torch.cat([text_part.to(region_part.dtype), region_part], dim=1)  # (B, T + R)
-        hidden = self.encoder(torch.cat([text_tokens, region_tokens], dim=1), key_padding_mask(joint_mask))
+        joint_rows = None
+        if rows is not None and (rows.text is not None or rows.regions is not None):
+            text_rows = rows.text if rows.text is not None else input_ids.new_ones(input_ids.shape, dtype=torch.bool)
+            region_rows = rows.regions if rows.regions is not None else \
+                input_ids.new_ones(region_tokens.shape[:2], dtype=torch.bool)
+            joint_rows = torch.cat([text_rows.bool(), region_rows.bool()], dim=1)  # (B, T + R)
+            joint_rows[:, 0] = True  # [CLS], read by the pooler
+        hidden = self.encoder(torch.cat([text_tokens, region_tokens], dim=1), key_padding_mask(joint_mask),
+                              rows=joint_rows)  # (B, T + R, H)
         text_hidden, region_hidden = hidden[:, :num_text], hidden[:, num_text:]  # (B, T, H), (B, R, H)
+        restricted = rows if rows is not None else OutputRows()
         return VLOutput(
             text_hidden=text_hidden,
             region_hidden=region_hidden,
             pooled=self.pooler(hidden),
-            pooled_text=masked_mean(text_hidden, attention_mask),
-            pooled_region=masked_mean(region_hidden, region_mask),
+            pooled_text=masked_mean(text_hidden, attention_mask) if restricted.text is None else None,
+            pooled_region=masked_mean(region_hidden, region_mask) if restricted.regions is None else None,
         )

@@ -88,6 +88,7 @@ class TrainConfig:
     keep_last: int = 2  # checkpoints kept; 0 keeps all
     seed: int = 0  # seeds python, numpy and torch at the start of a run
     max_nonfinite_steps: int = 5  # consecutive steps with a non-finite loss (each skipped) that stop the run; 0: never
+    compile: bool = False  # torch.compile the model's forward (nn.Module.compile; state-dict names unchanged)
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "grad_accum_steps", "log_every"):
@@ -505,6 +506,8 @@ def train(
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg.steps, cfg.warmup, cfg.schedule, cfg.min_lr_ratio)
     trainable = [param for group in optimizer.param_groups for param in group["params"]]
+    if cfg.compile:
+        model.compile()  # compiled on the first batch, and again when batch shapes change
     prepared_model, optimizer = accelerator.prepare(model, optimizer)
     raw_model = accelerator.unwrap_model(prepared_model)
 

@@ -38,7 +38,7 @@ from vl.data.vl_batches import SUM_TASK, PretrainBatchMaker, PretrainDataConfig,
 from vl.data.vl_masking import VLBatchPlan, concat_batches, unmask_batch
 from vl.errors import UserError
 from vl.fusion.base import FusionConfig
-from vl.fusion.pretraining import HeadsConfig, VLPretrainingModel, build_pretraining_model
+from vl.fusion.pretraining import HeadsConfig, VLPretrainingModel, build_pretraining_model, head_rows
 from vl.objectives import build_objective
 from vl.objectives.itm import mine_hard_negatives, pair_batch
 from vl.text.tokenizer import Tokenizer
@@ -119,11 +119,13 @@ class VLPretrainer(nn.Module):
     Its state dict is exactly the ``VLPretrainingModel``'s (``fusion.*``, ``heads.*``): the objectives use the
     model's heads and own no weights. ``tasks`` maps a task name to the objectives computed on its batches
     (``"all"``: every objective, for ``data.mix: sum``). Computing the losses inside ``forward`` keeps the heads
-    in the graph that DistributedDataParallel follows.
+    in the graph that DistributedDataParallel follows. With ``restrict_rows`` (the default) the fusion model runs
+    its last layer only at the rows the objectives' heads read (``vl.fusion.pretraining.head_rows``); the losses
+    and gradients are those of the full computation.
     """
 
     def __init__(self, model: VLPretrainingModel, objectives: Mapping[str, nn.Module],
-                 tasks: Mapping[str, Sequence[str]]):
+                 tasks: Mapping[str, Sequence[str]], restrict_rows: bool = True):
         super().__init__()
         self.fusion = model.fusion
         self.heads = model.heads
@@ -135,6 +137,7 @@ class VLPretrainer(nn.Module):
                                 "model's head")
         self.objectives = dict(objectives)  # not registered: their weights are the model's heads
         self.tasks = {task: tuple(names) for task, names in tasks.items()}
+        self.restrict_rows = restrict_rows
         object.__setattr__(self, "_model", model)
 
     @property
@@ -155,7 +158,8 @@ class VLPretrainer(nn.Module):
             if k > 0:
                 negatives = mine_hard_negatives(self.fusion, self.heads.itm, tensors, k)
                 batch = concat_batches([tensors, negatives])
-        output = self.fusion(batch)
+        rows = head_rows(batch, names) if self.restrict_rows else None
+        output = self.fusion(batch, rows) if rows is not None else self.fusion(batch)
         losses: dict[str, torch.Tensor] = {}
         for name in names:
             losses.update(self.objectives[name](output, batch))
