@@ -172,9 +172,10 @@ def test_lxmert_cross_attention_is_shared_between_directions():
     batch = make_batch(cfg, [4], [3])
     out = model(batch)
     model.zero_grad()
-    out.text_hidden.sum().backward()
+    # A random projection: the plain sum of LayerNorm outputs has no gradient (each row's normalised values sum to 0).
+    (out.text_hidden * torch.randn(out.text_hidden.shape, generator=torch.Generator().manual_seed(0))).sum().backward()
     # The text output of layer 0 depends on the shared module through both directions' use of it.
-    assert layer.cross_attention.query.weight.grad.abs().sum() > 0
+    assert layer.cross_attention.query.weight.grad.abs().sum() > 1e-3
 
 
 def test_vilbert_streams_have_different_widths_and_coattention_runs_where_configured():
