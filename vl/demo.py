@@ -47,7 +47,7 @@ class DemoConfig:
     val_images: int = 60
     test_images: int = 150
     detector_config: str = "detector-tiny.yaml"
-    detector_steps: int = 700
+    detector_steps: int = 1200
     single_stream_config: str = "pretrain-uniter-tiny.yaml"
     dual_stream_config: str = "pretrain-lxmert-tiny.yaml"
     pretrain_steps: int = 400

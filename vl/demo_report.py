@@ -182,8 +182,8 @@ def plot_examples(demo: Demo, examples: list[dict[str, Any]], answers: list[str]
             ax.add_patch(patches.Rectangle((x, y), w, h, fill=False, color="white", linewidth=1))
             ax.text(x, y - 1, f"{categories.get(det['category_id'], '?')} {det['score']:.2f}", color="white",
                     fontsize=6, backgroundcolor="black")
-        answer = answers[index] if index < len(answers) else "(no answer)"
-        ax.set_title(f"Q: {example['question']}\nA: {answer}", fontsize=7)
+        answer, _, score = (answers[index] if index < len(answers) else "(no answer)").rpartition(" ")
+        ax.set_title(f"Q: {example['question']}\nA: {answer.strip()} ({score})", fontsize=7)
         ax.axis("off")
     for index in range(len(examples), rows * cols):
         axes[index // cols][index % cols].axis("off")
@@ -239,8 +239,13 @@ def write_report(demo: Demo, total_seconds: float) -> Path:
     retrieval_rows = [[direction] + [f"{recall[f'{direction} R@{k}']:.1f}" for k in (1, 5, 10)]
                       for direction in ("text→image", "image→text")]
     timing_rows = [[name, f"{seconds:.0f}"] for name, seconds in demo.timings.items()]
-    qa_rows = [[str(e["image_id"]), e["question"], answers[i] if i < len(answers) else ""]
-               for i, e in enumerate(examples)]
+    truth = {a["question_id"]: a["multiple_choice_answer"]
+             for a in json.loads(Path(demo.annotations("test")).read_text())["annotations"]}
+    qa_rows = []
+    for i, e in enumerate(examples):
+        answer, _, score = (answers[i] if i < len(answers) else "").rpartition(" ")
+        qa_rows.append([str(e["image_id"]), e["question"], answer.strip() or "(none)", score,
+                        truth.get(e["question_id"], "?")])
 
     sections = [
         "# vl demo report",
@@ -255,7 +260,8 @@ def write_report(demo: Demo, total_seconds: float) -> Path:
         "## Image-text retrieval (%), test split\n\n" + _table(["direction", "R@1", "R@5", "R@10"], retrieval_rows)
         + f"\n\nChance R@1 (text→image): {recall['chance text→image R@1']:.1f}%.",
         "## Plots\n\n" + "\n\n".join(f"![{name}]({path.name})" for name, path in plots.items() if path),
-        "## Questions on held-out images (`vl vqa`)\n\n" + _table(["image", "question", "top answer"], qa_rows),
+        "## Questions on held-out images (`vl vqa`)\n\n" + _table(
+            ["image", "question", "top answer", "score", "annotators' answer"], qa_rows),
         "## Time per stage (s)\n\n" + _table(["stage", "seconds"], timing_rows),
     ]
     markdown = "\n\n".join(sections) + "\n"
