@@ -43,18 +43,18 @@ class DemoConfig:
 
     seed: int = 0
     size: int = 128  # image side in pixels
-    train_images: int = 600
+    train_images: int = 1000
     val_images: int = 60
-    test_images: int = 150
+    test_images: int = 500  # 3,000 test questions: the VQA comparison's noise is well under a point
     detector_config: str = "detector-tiny.yaml"
     detector_steps: int = 1200
     single_stream_config: str = "pretrain-uniter-tiny.yaml"
     dual_stream_config: str = "pretrain-lxmert-tiny.yaml"
-    pretrain_steps: int = 400
+    pretrain_steps: int = 1000
     vqa_config: str = "finetune-vqa-tiny.yaml"
-    vqa_steps: int = 300
+    vqa_steps: int = 1000
     retrieval_config: str = "finetune-retrieval-tiny.yaml"
-    retrieval_steps: int = 300
+    retrieval_steps: int = 1000
     num_boxes: int = 10  # regions per image in the feature store
     example_questions: int = 6  # `vl vqa` calls on held-out images
     extra_sets: dict[str, tuple[str, ...]] = field(default_factory=dict)  # stage -> extra --set overrides

@@ -226,9 +226,10 @@ def write_report(demo: Demo, total_seconds: float) -> Path:
     det = figures["detector"]
     summary_rows = [["detector mAP@0.5 (test)", f"{det['mAP@0.5']:.3f}"], ["detector mAP@[.5:.95] (test)",
                                                                            f"{det['mAP']:.3f}"]]
-    attribute_accuracy = figures.get("detector_val", {}).get("attribute_accuracy")
-    if isinstance(attribute_accuracy, (int, float)):
-        summary_rows.append(["detector attribute accuracy (val)", f"{attribute_accuracy:.3f}"])
+    val = figures.get("detector_val", {})
+    if isinstance(val.get("attr_accuracy"), (int, float)):
+        summary_rows.append(["detector attribute accuracy (val; chance {:.2f})".format(val.get("attr_chance", 0.0)),
+                             f"{val['attr_accuracy']:.3f}"])
     vqa_rows = []
     for name, label in VQA_RUNS.items():
         score = figures["vqa"][name]
