@@ -364,7 +364,8 @@ def test_corpus_holds_one_document_per_image(world):
     assert len(documents) == 80
     for document in documents:
         lines = document.split("\n")
-        assert len(lines) >= 8 and all(line.strip() and line[0].isupper() and line.endswith(".") for line in lines)
+        assert len(lines) >= 8 and all(line.strip() and line[0].isupper() and line[-1] in ".?" for line in lines)
+        assert any(line.endswith("?") for line in lines)  # the image's questions
     per_split = [world.corpus_split(split).read_text().strip("\n") for split in SPLITS]
     assert "\n\n".join(per_split) == text.strip("\n")
 

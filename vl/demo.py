@@ -2,7 +2,9 @@
 
 Stages (each one a real ``vl`` / ``vl-regions`` command in a subprocess, logged to ``OUT/logs/STAGE.log``):
 
-1. ``vl generate-world`` — the data (train / val / test splits);
+1. ``vl generate-world`` — the data (train / val / test splits), and ``vl tokenizer train`` — one WordPiece
+   vocabulary from the train split's text corpus (captions, descriptions, questions), shared by every model as a
+   general-domain vocabulary would be;
 2. ``vl-regions train`` — the detector on the train split's COCO instances;
 3. ``vl-regions detect`` — COCO results on the held-out test split (its mAP goes in the report);
 4. ``vl-regions extract`` — region features for every split into one feature store;
@@ -56,6 +58,7 @@ class DemoConfig:
     retrieval_config: str = "finetune-retrieval-tiny.yaml"
     retrieval_steps: int = 1000
     num_boxes: int = 10  # regions per image in the feature store
+    vocab_size: int = 400  # WordPiece vocabulary shared by every model
     example_questions: int = 6  # `vl vqa` calls on held-out images
     extra_sets: dict[str, tuple[str, ...]] = field(default_factory=dict)  # stage -> extra --set overrides
 
@@ -88,6 +91,7 @@ class Demo:
         self.world = self.out / "world"
         self.detector = self.out / "detector"
         self.features = self.out / "features"
+        self.tokenizer = self.out / "tokenizer"
         self.logs = self.out / "logs"
         self.state_path = self.out / "demo_state.json"
         self.timings: dict[str, float] = {}
@@ -129,7 +133,9 @@ class Demo:
         def world() -> list[list[str]]:
             return [_vl("generate-world", "--out", str(self.world), "--seed", str(cfg.seed), "--train",
                         str(cfg.train_images), "--val", str(cfg.val_images), "--test", str(cfg.test_images),
-                        "--size", str(cfg.size), "--force")]
+                        "--size", str(cfg.size), "--force"),
+                    _vl("tokenizer", "train", "--text", self.world_file("text", "corpus_train.txt"), "--vocab-size",
+                        str(cfg.vocab_size), "--out", str(self.tokenizer))]
 
         def detector() -> list[list[str]]:
             return [_regions("train", "--instances", self.world_file("annotations", "instances_train2014.json"),
@@ -150,7 +156,7 @@ class Demo:
         def pretrain(name: str, config: str) -> Callable[[], list[list[str]]]:
             return lambda: [_vl("pretrain", "--config", str(CONFIG_DIR / config),
                                 "--shards", self.world_file("shards", "train-*.tar"), "--features", str(self.features),
-                                "--out", str(self.run_dir(name)),
+                                "--out", str(self.run_dir(name)), "--tokenizer", str(self.tokenizer),
                                 *self.sets("pretrain", f"train.steps={cfg.pretrain_steps}",
                                            f"train.seed={cfg.seed}", *self.feature_sets()))]
 
@@ -162,6 +168,7 @@ class Demo:
                     "--train-annotations", self.annotations("train"), "--val-questions", self.questions("val"),
                     "--val-annotations", self.annotations("val"), "--features", str(self.features), "--out", run,
                     "--config", str(CONFIG_DIR / cfg.vqa_config),
+                    *(["--tokenizer", str(self.tokenizer)] if name == "vqa-scratch" else []),
                     *self.sets("vqa", f"train.steps={cfg.vqa_steps}", f"train.seed={cfg.seed}",
                                *(self.feature_sets()[:1] if name == "vqa-scratch" else []))),
                 _vl("predict", "vqa", "--run", run, "--questions", self.questions("test"), "--features",
@@ -189,7 +196,7 @@ class Demo:
             return commands
 
         return [
-            Stage("world", "generate the world", world),
+            Stage("world", "generate the world and a tokenizer", world),
             Stage("detector", "train the detector", detector),
             Stage("detect", "detect on held-out images", detect),
             Stage("extract", "extract region features", extract),

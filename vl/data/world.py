@@ -13,7 +13,8 @@ learnable, deterministic by seed and written in exactly the formats real dataset
     OUT/vqa/v2_mscoco_{split}2014_annotations.json         VQA v2 annotations, 10 answers each
     OUT/shards/{split}-{000000..N}.tar                     img2dataset-style webdataset shards
     OUT/text/corpus.txt                                    plain text of all splits: one sentence per line, a blank
-                                                           line between documents (one document per image)
+                                                           line between documents (one per image: its captions,
+                                                           a description and its questions)
     OUT/text/corpus_{split}.txt                            the same, per split
 
 ``WorldPaths(OUT)`` names every one of these files. The scenes themselves (vocabulary, rendering) live in
@@ -389,7 +390,9 @@ def generate_world(out: str | os.PathLike, cfg: WorldConfig, force: bool = False
                                          "multiple_choice_answer": question.answer,
                                          "answers": [{"answer": a, "answer_confidence": c, "answer_id": i + 1}
                                                      for i, (a, c) in enumerate(question.annotator_answers)]})
-                    document = list(image_captions) + describe_scene(scene, text_rng)
+                    # The image's questions too: a vocabulary trained on the corpus then covers the downstream
+                    # text, as a general text corpus does for real VQA questions.
+                    document = [*image_captions, *describe_scene(scene, text_rng), *(q.text for q in image_questions)]
                     split_docs.append("\n".join(document))
                     scene_dicts.append(scene.to_dict())
                     shard_writer.write(jpeg, image_captions, scene)
