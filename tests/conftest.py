@@ -14,11 +14,16 @@
 
 Sizes: ``WORLD_CONFIG`` below (48 train / 16 val / 16 test images of 112 px, 6 questions each, 16 images per
 shard, so 3 train shards). Treat the directory as read-only: it is shared by every test of the run.
+
+``one_thread`` (module scope): torch runs on one intra-op thread while the module's tests run. Tiny models are
+fastest so, and two OpenMP threads on a busy 2-core machine spin badly. Modules opt in with
+``pytestmark = pytest.mark.usefixtures("one_thread")``.
 """
 
 from __future__ import annotations
 
 import pytest
+import torch
 
 from vl.data.world import WorldConfig, WorldPaths, generate_world
 
@@ -29,3 +34,11 @@ WORLD_CONFIG = WorldConfig(seed=1234, train=48, val=16, test=16, size=112, shard
 def world(tmp_path_factory: pytest.TempPathFactory) -> WorldPaths:
     root = tmp_path_factory.mktemp("world") / "world"
     return generate_world(root, WORLD_CONFIG, progress=False)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

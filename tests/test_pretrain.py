@@ -40,13 +40,7 @@ FAST = ["train.batch_size=8", "train.log_every=1", "data.num_workers=2", "data.s
 TIMING_KEYS = {"elapsed_s", "samples_per_s"}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread (and two threads on a busy 2-core machine spin badly)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -41,13 +41,7 @@ FEATURE_DIM, NUM_CLASSES, NUM_ANSWERS = 16, 12, 10
 OBJECTIVES = list(OBJECTIVE_REGISTRY)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one intra-op thread is fastest, and far faster on a CPU shared with other processes."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def make_model(config_name: str, seed: int = 0, dropout: float = 0.0) -> VLPretrainingModel:

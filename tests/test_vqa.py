@@ -30,13 +30,7 @@ CONFIGS = ROOT / "configs"
 ARCHITECTURES = ("uniter", "visualbert", "lxmert", "vilbert")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one intra-op thread, and do not fight the other tests for the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def annotation(question_id: int, answers: list[str], multiple_choice: str | None = None,
