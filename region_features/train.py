@@ -24,7 +24,6 @@ import os
 import random
 import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +45,7 @@ from region_features.pipeline import (
     load_weights,
     save_weights,
 )
+from vl.atomic import atomic_directory
 from vl.config import atomic_write_text, load_config, save_config, to_dict
 from vl.errors import UserError
 from vl.train.schedule import lr_multiplier
@@ -206,17 +206,9 @@ def _write_checkpoint(run: Path, model: RegionDetector, state: dict, keep: int) 
     root.mkdir(parents=True, exist_ok=True)
     name = f"step-{state['step']:08d}"
     final = root / name
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=root))
-    try:
+    with atomic_directory(final) as tmp:
         save_weights(model, tmp / "model.safetensors")
         torch.save(state, tmp / "train_state.pt")
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     atomic_write_text(root / "latest", name + "\n")
     for old in sorted(p for p in root.glob("step-*") if p.is_dir())[:-keep]:
         shutil.rmtree(old, ignore_errors=True)

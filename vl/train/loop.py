@@ -53,6 +53,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from vl.checkpoints.io import load_into, load_state_file, save_weights
+from vl.atomic import atomic_directory
 from vl.config import atomic_write_text, save_config
 from vl.errors import UserError
 from vl.train.schedule import SCHEDULES, ScheduleName, build_scheduler
@@ -267,10 +268,7 @@ def save_checkpoint(
     root = run_dir / CHECKPOINTS_DIR
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step}"
-    tmp = root / f".step-{step}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with atomic_directory(final) as tmp:
         save_weights(model_state_for_saving(model, save_filter), tmp / WEIGHTS_FILE)
         state = {
             "version": TRAIN_STATE_VERSION,
@@ -283,12 +281,6 @@ def save_checkpoint(
         if rank_snapshots is not None:
             state["ranks"] = list(rank_snapshots)
         torch.save(state, tmp / TRAIN_STATE_FILE)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     if keep_last > 0:
         for _, old in list_checkpoints(run_dir)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
