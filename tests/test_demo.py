@@ -24,7 +24,7 @@ def test_quick_demo_writes_a_report(tmp_path):
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert "[11/11]" in done.stdout
     report = (out / "report.md").read_text()
-    for heading in ("Detector", "VQA accuracy", "retrieval", "Time per stage"):
+    for heading in ("Detector", "VQA accuracy", "image-blind control", "retrieval", "Time per stage"):
         assert heading.lower() in report.lower()
     assert (out / "report.html").read_text().startswith("<!doctype html>")
     for png in ("pretraining_loss.png", "vqa_accuracy.png", "examples.png"):
@@ -33,6 +33,7 @@ def test_quick_demo_writes_a_report(tmp_path):
     numbers = list(finite_numbers(figures))
     assert numbers and all(math.isfinite(n) for n in numbers)
     assert set(figures["vqa"]) == {"vqa-single", "vqa-dual", "vqa-scratch"}
+    assert set(figures["vqa_image_blind"]) == set(figures["vqa"])  # every model also answered on other images
     # A second run finds every stage done and only rewrites the report.
     again = subprocess.run([sys.executable, "-m", "vl", "demo", "--quick", "--out", str(out)], capture_output=True,
                            text=True, timeout=300)

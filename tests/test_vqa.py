@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from vl.cli import main
 from vl.data.formats import VqaAnnotation, VqaAnswer, read_vqa_questions
 from vl.data.world_features import write_world_features
+from vl.errors import UserError
 from vl.fusion.pretraining import build_pretraining_model, load_model_configs
 from vl.tasks.vl_finetune import load_init, prepare_init, region_batch, text_batch
 from vl.tasks.vqa import (
@@ -21,6 +22,7 @@ from vl.tasks.vqa import (
     VqaModel,
     build_answer_vocab,
     count_answers,
+    shuffled_images,
     soft_targets,
 )
 from vl.tasks.vqa_eval import vqa_accuracy
@@ -204,6 +206,33 @@ def test_finetune_predict_evaluate_end_to_end(world, vqa_run, tmp_path, capsys):
     from vl.checkpoints.vl_run import load_vl_run
 
     assert load_vl_run(run).heads.answer.classifier.out_features == len(vocabulary)
+
+
+def test_shuffled_images_is_a_seeded_derangement():
+    examples = [VqaExample(question_id=q, image_id=image, token_ids=(1,)) for q, image in
+                enumerate([5, 5, 7, 9, 11, 11, 13])]
+    shuffled = shuffled_images(examples, seed=3)
+    assert [e.question_id for e in shuffled] == [e.question_id for e in examples]
+    assert all(new.image_id != old.image_id for new, old in zip(shuffled, examples))  # nobody keeps its image
+    mapping = {old.image_id: new.image_id for old, new in zip(examples, shuffled)}
+    assert len(mapping) == 5 and sorted(mapping.values()) == sorted(mapping)  # a permutation of the images
+    assert shuffled[0].image_id == shuffled[1].image_id  # questions on one image move together
+    assert shuffled_images(examples, seed=3) == shuffled
+    assert shuffled_images(examples, seed=4) != shuffled or len(mapping) < 3
+    with pytest.raises(UserError, match="--shuffle-images needs questions on at least two images"):
+        shuffled_images(examples[:2], seed=0)
+
+
+def test_predict_with_shuffled_images(world, vqa_run, tmp_path):
+    """The image-blind control answers the same questions, on other images' regions."""
+    run, store = vqa_run
+    real, blind = tmp_path / "real.json", tmp_path / "blind.json"
+    common = ["predict", "vqa", "--run", str(run), "--questions", str(world.vqa_questions("val")),
+              "--features", str(store)]
+    assert main([*common, "--out", str(real)]) == 0
+    assert main([*common, "--out", str(blind), "--shuffle-images", "0"]) == 0
+    real_answers, blind_answers = json.loads(real.read_text()), json.loads(blind.read_text())
+    assert [a["question_id"] for a in blind_answers] == [a["question_id"] for a in real_answers]
 
 
 def test_vqa_one_image_end_to_end(world, vqa_run, tmp_path, capsys):

@@ -10,7 +10,8 @@ Stages (each one a real ``vl`` / ``vl-regions`` command in a subprocess, logged 
 4. ``vl-regions extract`` — region features for every split into one feature store;
 5. ``vl pretrain`` — a single-stream (UNITER) and a dual-stream (LXMERT) model on the train split's shards;
 6. ``vl finetune vqa`` — from each pretrained model and from scratch, with the same budget;
-   ``vl predict vqa`` + ``vl evaluate vqa`` on the test split;
+   ``vl predict vqa`` + ``vl evaluate vqa`` on the test split, and the image-blind control (``--shuffle-images``:
+   each question answered on another image's regions), which shows how much of each score comes from the image;
 7. ``vl finetune retrieval`` + ``vl evaluate retrieval`` on the test split;
 8. ``vl vqa`` — a few questions on held-out test images, end to end from the image file.
 
@@ -163,6 +164,7 @@ class Demo:
         def vqa(name: str) -> Callable[[], list[list[str]]]:
             run = str(self.run_dir(name))
             results = str(self.out / f"{name}_test_results.json")
+            blind = str(self.out / f"{name}_test_blind_results.json")
             return lambda: [
                 _vl("finetune", "vqa", "--init", vqa_inits[name], "--train-questions", self.questions("train"),
                     "--train-annotations", self.annotations("train"), "--val-questions", self.questions("val"),
@@ -174,6 +176,9 @@ class Demo:
                 _vl("predict", "vqa", "--run", run, "--questions", self.questions("test"), "--features",
                     str(self.features), "--out", results),
                 _vl("evaluate", "vqa", "--annotations", self.annotations("test"), "--results", results),
+                # the image-blind control: the same questions on other images' regions
+                _vl("predict", "vqa", "--run", run, "--questions", self.questions("test"), "--features",
+                    str(self.features), "--out", blind, "--shuffle-images", str(cfg.seed)),
             ]
 
         def retrieval() -> list[list[str]]:

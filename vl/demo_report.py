@@ -193,6 +193,14 @@ def plot_examples(demo: Demo, examples: list[dict[str, Any]], answers: list[str]
     return out
 
 
+def _with_blind(score: dict[str, Any], blind: dict[str, Any] | None, question_type: str | None = None) -> str:
+    """``"48.1 (40.2)"``: accuracy on the real images, and in brackets on other images' regions."""
+    def pick(metrics: dict[str, Any]) -> float:
+        return metrics["overall"] if question_type is None else metrics["per_question_type"].get(question_type,
+                                                                                                  float("nan"))
+    return f"{pick(score):.1f}" + (f" ({pick(blind):.1f})" if blind else "")
+
+
 def _table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
@@ -210,6 +218,9 @@ def write_report(demo: Demo, total_seconds: float) -> Path:
         figures["detector_val"] = json.loads(train_metrics.read_text())
     figures["vqa"] = {name: vqa_scores(Path(demo.annotations("test")), out / f"{name}_test_results.json")
                       for name in VQA_RUNS}
+    figures["vqa_image_blind"] = {name: vqa_scores(Path(demo.annotations("test")),
+                                                   out / f"{name}_test_blind_results.json")
+                                  for name in VQA_RUNS if (out / f"{name}_test_blind_results.json").is_file()}
     figures["retrieval"] = retrieval_recall(demo.world / "dataset_coco.json", out / "retrieval_rankings_test.json")
     examples = demo.example_questions()
     answers = example_answers(demo.logs / "examples.log")
@@ -236,6 +247,11 @@ def write_report(demo: Demo, total_seconds: float) -> Path:
         per_type = score["per_answer_type"]
         vqa_rows.append([label, f"{score['overall']:.2f}"] + [f"{per_type.get(t, float('nan')):.2f}"
                                                               for t in ("yes/no", "number", "other")])
+    blind = figures["vqa_image_blind"]
+    question_types = sorted({t for score in figures["vqa"].values() for t in score["per_question_type"]})
+    type_rows = [[question_type] + [_with_blind(figures["vqa"][name], blind.get(name), question_type)
+                                    for name in VQA_RUNS] for question_type in question_types]
+    type_rows.append(["overall"] + [_with_blind(figures["vqa"][name], blind.get(name)) for name in VQA_RUNS])
     recall = figures["retrieval"]
     retrieval_rows = [[direction] + [f"{recall[f'{direction} R@{k}']:.1f}" for k in (1, 5, 10)]
                       for direction in ("text→image", "image→text")]
@@ -258,6 +274,9 @@ def write_report(demo: Demo, total_seconds: float) -> Path:
         "## VQA accuracy (%), test split, official metric\n\n" + _table(
             ["model", "overall", "yes/no", "number", "other"], vqa_rows),
         f"Same fine-tuning budget for all three ({cfg.vqa_steps} steps).",
+        "### By question type, with the image-blind control\n\nEach cell: accuracy on the real images (on other "
+        "images' regions, `vl predict vqa --shuffle-images`). Where the two are close, the model answers from the "
+        "question alone.\n\n" + _table(["question type", *VQA_RUNS.values()], type_rows),
         "## Image-text retrieval (%), test split\n\n" + _table(["direction", "R@1", "R@5", "R@10"], retrieval_rows)
         + f"\n\nChance R@1 (text→image): {recall['chance text→image R@1']:.1f}%.",
         "## Plots\n\n" + "\n\n".join(f"![{name}]({path.name})" for name, path in plots.items() if path),

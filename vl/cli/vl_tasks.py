@@ -42,7 +42,7 @@ def _finetune_vqa(args: argparse.Namespace) -> int:
 def _predict_vqa(args: argparse.Namespace) -> int:
     from vl.tasks.vqa import predict_vqa
 
-    count = predict_vqa(args.run, args.questions, args.features, args.out, args.batch_size)
+    count = predict_vqa(args.run, args.questions, args.features, args.out, args.batch_size, args.shuffle_images)
     print(f"predict vqa: wrote {count} answers to {args.out}")
     return 0
 
@@ -126,6 +126,9 @@ def add_predict_parsers(tasks: argparse._SubParsersAction) -> None:
     parser.add_argument("--features", required=True, metavar="STORE", help="region feature store directory")
     parser.add_argument("--out", required=True, metavar="RESULTS.json", help="results file to write")
     parser.add_argument("--batch-size", type=int, metavar="N", help="questions per forward pass")
+    parser.add_argument("--shuffle-images", type=int, metavar="SEED",
+                        help="image-blind control: answer each question on another image's regions (a seeded "
+                             "derangement), to measure how much the answers depend on the image")
     parser.set_defaults(func=_predict_vqa)
 
 

@@ -450,9 +450,23 @@ def load_vqa_run(run_dir: str | os.PathLike) -> tuple[VqaModel, VqaRun, Tokenize
     return model, run, Tokenizer.from_dir(run_dir), answers
 
 
+def shuffled_images(examples: Sequence[VqaExample], seed: int) -> list[VqaExample]:
+    """The examples with every image replaced by another image of the same file (a seeded derangement of the
+    distinct image ids): the image-blind control. What a model still answers right then, it answers from the
+    question alone (language priors), so the gap to the real images is what it reads from the image."""
+    image_ids = sorted({example.image_id for example in examples})
+    if len(image_ids) < 2:
+        raise UserError("--shuffle-images needs questions on at least two images")
+    order = np.random.default_rng(seed).permutation(len(image_ids))
+    # a cyclic shift along a random order is a derangement: no image keeps its own regions
+    other = {image_ids[order[i]]: image_ids[order[(i + 1) % len(order)]] for i in range(len(order))}
+    return [dataclasses.replace(example, image_id=other[example.image_id]) for example in examples]
+
+
 def predict_vqa(run_dir: str | os.PathLike, questions_path: str | os.PathLike, features: str | os.PathLike,
-                out: str | os.PathLike, batch_size: int | None = None) -> int:
-    """Answer every question of ``questions_path``; write the official results JSON to ``out``; returns the count."""
+                out: str | os.PathLike, batch_size: int | None = None, shuffle_images: int | None = None) -> int:
+    """Answer every question of ``questions_path``; write the official results JSON to ``out``; returns the count.
+    With ``shuffle_images`` (a seed), each question is answered on another image's regions (``shuffled_images``)."""
     model, run, tokenizer, answers = load_vqa_run(run_dir)
     questions = read_vqa_questions(questions_path)
     store = open_store(features)
@@ -462,6 +476,8 @@ def predict_vqa(run_dir: str | os.PathLike, questions_path: str | os.PathLike, f
         raise UserError(f"--features {features} has no features for {len(missing)} images of --questions "
                         f"{questions_path} (first: image {missing[0]}); extract them with vl-regions extract")
     examples = vqa_examples(questions, tokenizer, run.vqa.max_text_len)
+    if shuffle_images is not None:
+        examples = shuffled_images(examples, shuffle_images)
     collate = VqaCollator(store, run.model.region.feature_dim, run.vqa.max_regions, len(answers), tokenizer.pad_id)
     logits = answer_logits(model, examples, collate, batch_size or run.vqa.eval_batch_size)
     results = results_json(examples, predicted_answers(logits, answers))
