@@ -22,7 +22,7 @@ def test_quick_demo_writes_a_report(tmp_path):
     done = subprocess.run([sys.executable, "-m", "vl", "demo", "--quick", "--out", str(out)], capture_output=True,
                           text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    assert "[11/11]" in done.stdout
+    assert "[12/12]" in done.stdout
     report = (out / "report.md").read_text()
     for heading in ("Detector", "VQA accuracy", "image-blind control", "retrieval", "Time per stage"):
         assert heading.lower() in report.lower()
@@ -32,9 +32,9 @@ def test_quick_demo_writes_a_report(tmp_path):
     figures = json.loads((out / "figures.json").read_text())
     numbers = list(finite_numbers(figures))
     assert numbers and all(math.isfinite(n) for n in numbers)
-    assert set(figures["vqa"]) == {"vqa-single", "vqa-dual", "vqa-scratch"}
+    assert set(figures["vqa"]) == {"vqa-single", "vqa-dual", "vqa-scratch", "vqa-scratch-dual"}
     assert set(figures["vqa_image_blind"]) == set(figures["vqa"])  # every model also answered on other images
     # A second run finds every stage done and only rewrites the report.
     again = subprocess.run([sys.executable, "-m", "vl", "demo", "--quick", "--out", str(out)], capture_output=True,
                            text=True, timeout=300)
-    assert again.returncode == 0 and again.stdout.count("done earlier") == 11
+    assert again.returncode == 0 and again.stdout.count("done earlier") == 12

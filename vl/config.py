@@ -192,27 +192,35 @@ def read_run_config(
 
     ``model:`` may name a model config file (``uniter-tiny.yaml``: relative to the config's directory, else to the
     working directory); its ``model:`` section is read in, and with ``heads_from_model`` its ``heads:`` too when the
-    run config has none. Overrides apply after that (``model.text.num_layers=2`` works). Without ``path`` the
-    mapping starts from ``defaults``.
+    run config has none. Overrides apply after that (``model.text.num_layers=2`` works). A ``model=FILE`` override
+    replaces the file named by ``model:`` (``--set model=lxmert-tiny.yaml``: another architecture, same recipe).
+    Without ``path`` the mapping starts from ``defaults``.
     """
     data: dict[str, Any] = dict(defaults or {})
     source = "defaults"
+    model_files = [item.partition("=")[2] for item in overrides if item.startswith("model=")]
+    overrides = [item for item in overrides if not item.startswith("model=")]
     if path is not None:
         path = Path(path)
         data = read_yaml(path)
         source = str(path)
+        if model_files:
+            data["model"] = model_files[-1]
         model = data.get("model")
         if isinstance(model, str):
             candidates = [path.parent / model, Path(model)]
             model_path = next((p for p in candidates if p.is_file()), None)
             if model_path is None:
-                raise ConfigError(f"model: file {model!r} named in {path} not found (looked in {path.parent} and "
+                named = "by --set model=" if model_files else f"in {path}"
+                raise ConfigError(f"model: file {model!r} named {named} not found (looked in {path.parent} and "
                                   f"{Path.cwd()})")
             model_data = read_yaml(model_path)
             data["model"] = model_data.get("model", model_data)
             if heads_from_model and "heads" not in data and isinstance(model_data.get("heads"), dict):
                 data["heads"] = model_data["heads"]
             source = f"{path} (model from {model_path})"
+    elif model_files:
+        raise ConfigError(f"--set model={model_files[-1]}: a model file needs a run config file (--config)")
     if overrides:
         data = apply_overrides(data, list(overrides))
         source = f"{source} (with --set {' '.join(overrides)})"

@@ -9,7 +9,7 @@ Stages (each one a real ``vl`` / ``vl-regions`` command in a subprocess, logged 
 3. ``vl-regions detect`` — COCO results on the held-out test split (its mAP goes in the report);
 4. ``vl-regions extract`` — region features for every split into one feature store;
 5. ``vl pretrain`` — a single-stream (UNITER) and a dual-stream (LXMERT) model on the train split's shards;
-6. ``vl finetune vqa`` — from each pretrained model and from scratch, with the same budget;
+6. ``vl finetune vqa`` — from each pretrained model and, with the same budget, from scratch in each architecture;
    ``vl predict vqa`` + ``vl evaluate vqa`` on the test split, and the image-blind control (``--shuffle-images``:
    each question answered on another image's regions), which shows how much of each score comes from the image;
 7. ``vl finetune retrieval`` + ``vl evaluate retrieval`` on the test split;
@@ -129,7 +129,10 @@ class Demo:
         cfg = self.cfg
         vqa_inits = {"vqa-single": str(self.run_dir("pretrain-single")),
                      "vqa-dual": str(self.run_dir("pretrain-dual")),
-                     "vqa-scratch": "scratch"}
+                     "vqa-scratch": "scratch", "vqa-scratch-dual": "scratch"}
+        # from scratch, each pretrained model's architecture with the same VQA recipe
+        scratch_models = {"vqa-scratch": self._model_file(cfg.single_stream_config),
+                          "vqa-scratch-dual": self._model_file(cfg.dual_stream_config)}
 
         def world() -> list[list[str]]:
             return [_vl("generate-world", "--out", str(self.world), "--seed", str(cfg.seed), "--train",
@@ -170,9 +173,10 @@ class Demo:
                     "--train-annotations", self.annotations("train"), "--val-questions", self.questions("val"),
                     "--val-annotations", self.annotations("val"), "--features", str(self.features), "--out", run,
                     "--config", str(CONFIG_DIR / cfg.vqa_config),
-                    *(["--tokenizer", str(self.tokenizer)] if name == "vqa-scratch" else []),
+                    *(["--tokenizer", str(self.tokenizer)] if name in scratch_models else []),
                     *self.sets("vqa", f"train.steps={cfg.vqa_steps}", f"train.seed={cfg.seed}",
-                               *(self.feature_sets()[:1] if name == "vqa-scratch" else []))),
+                               *([f"model={scratch_models[name]}", *self.feature_sets()[:1]]
+                                 if name in scratch_models else []))),
                 _vl("predict", "vqa", "--run", run, "--questions", self.questions("test"), "--features",
                     str(self.features), "--out", results),
                 _vl("evaluate", "vqa", "--annotations", self.annotations("test"), "--results", results),
@@ -210,10 +214,21 @@ class Demo:
             Stage("pretrain-dual", "pretrain dual-stream (LXMERT)", pretrain("pretrain-dual", cfg.dual_stream_config)),
             Stage("vqa-single", "VQA from pretrained single-stream", vqa("vqa-single")),
             Stage("vqa-dual", "VQA from pretrained dual-stream", vqa("vqa-dual")),
-            Stage("vqa-scratch", "VQA from scratch", vqa("vqa-scratch")),
+            Stage("vqa-scratch", "VQA from scratch (single-stream)", vqa("vqa-scratch")),
+            Stage("vqa-scratch-dual", "VQA from scratch (dual-stream)", vqa("vqa-scratch-dual")),
             Stage("retrieval", "retrieval fine-tune and evaluate", retrieval),
             Stage("examples", "answer questions on held-out images", examples),
         ]
+
+    @staticmethod
+    def _model_file(pretrain_config: str) -> str:
+        """The model file a pretraining config names (``model: uniter-tiny.yaml``)."""
+        from vl.config import read_yaml
+
+        model = read_yaml(CONFIG_DIR / pretrain_config).get("model")
+        if not isinstance(model, str):
+            raise UserError(f"{pretrain_config}: the demo needs 'model:' to name a model file")
+        return str(CONFIG_DIR / model)
 
     def example_questions(self) -> list[dict[str, Any]]:
         """The first few test questions, on distinct test images."""

@@ -23,8 +23,8 @@ if TYPE_CHECKING:
     from vl.demo import Demo
 
 NOT_LOSSES = {"step", "lr", "grad_norm", "samples_per_s", "elapsed_s", "nonfinite_skipped", "loss"}
-VQA_RUNS = {"vqa-single": "pretrained single-stream (UNITER)", "vqa-dual": "pretrained dual-stream (LXMERT)",
-            "vqa-scratch": "from scratch (UNITER)"}
+VQA_RUNS = {"vqa-single": "pretrained single-stream (UNITER)", "vqa-scratch": "from scratch (UNITER)",
+            "vqa-dual": "pretrained dual-stream (LXMERT)", "vqa-scratch-dual": "from scratch (LXMERT)"}
 
 
 def detector_map(instances: Path, detections: Path) -> dict[str, float]:
@@ -273,7 +273,8 @@ def write_report(demo: Demo, total_seconds: float) -> Path:
         "## Detector\n\n" + _table(["metric", "value"], summary_rows),
         "## VQA accuracy (%), test split, official metric\n\n" + _table(
             ["model", "overall", "yes/no", "number", "other"], vqa_rows),
-        f"Same fine-tuning budget for all three ({cfg.vqa_steps} steps).",
+        f"Same fine-tuning budget for all four ({cfg.vqa_steps} steps); each pretrained model is compared with its "
+        "own architecture trained from scratch.",
         "### By question type, with the image-blind control\n\nEach cell: accuracy on the real images (on other "
         "images' regions, `vl predict vqa --shuffle-images`). Where the two are close, the model answers from the "
         "question alone.\n\n" + _table(["question type", *VQA_RUNS.values()], type_rows),
