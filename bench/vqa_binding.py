@@ -41,11 +41,15 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+from torchvision.ops import box_iou
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from region_features.store import FeatureStore  # noqa: E402
+from vl.data.formats import read_vqa_annotations, read_vqa_questions  # noqa: E402
+from vl.data.world import WorldPaths  # noqa: E402
+from vl.data.world_scene import Scene, SceneObject, load_scenes  # noqa: E402
 
 SPLITS = ("train", "val", "test")
 
@@ -54,36 +58,49 @@ def tokenize(text: str) -> list[str]:
     return re.findall(r"\w+|\?", text.lower())
 
 
-def read_questions(world: Path, split: str) -> list[tuple[str, int, str, str]]:
-    """(question, image id, most common answer, question type) of a split's VQA files."""
-    questions = json.loads((world / "vqa" / f"v2_OpenEnded_mscoco_{split}2014_questions.json").read_text())
-    annotations = json.loads((world / "vqa" / f"v2_mscoco_{split}2014_annotations.json").read_text())
-    by_id = {a["question_id"]: a for a in annotations["annotations"]}
-    return [(q["question"], q["image_id"], by_id[q["question_id"]]["multiple_choice_answer"],
-             by_id[q["question_id"]]["question_type"]) for q in questions["questions"]]
+class World:
+    """A ``vl demo``'s world: its scenes by image id, the attribute vocabularies, and its VQA questions."""
 
+    def __init__(self, root: Path):
+        self.paths = WorldPaths(root)
+        self.scenes: dict[int, Scene] = {scene.image_id: scene for split in SPLITS
+                                         for scene in load_scenes(self.paths.scenes(split))}
+        objects = [obj for scene in self.scenes.values() for obj in scene.objects]
+        self.shapes = sorted({obj.shape for obj in objects})
+        self.colors = sorted({obj.color for obj in objects})
+        self.sizes = sorted({obj.size for obj in objects})
 
-def box_iou(a: np.ndarray, b: np.ndarray) -> float:
-    width = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    height = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = width * height
-    return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter + 1e-9)
+    def questions(self, split: str) -> list[tuple[str, int, str, str]]:
+        """(question, image id, most common answer, question type) of a split's VQA files."""
+        annotations = {a.question_id: a for a in read_vqa_annotations(self.paths.vqa_annotations(split))}
+        return [(q.question, q.image_id, annotations[q.question_id].multiple_choice_answer,
+                 annotations[q.question_id].question_type) for q in read_vqa_questions(self.paths.vqa_questions(split))]
+
+    def overlaps(self, image_id: int, boxes: np.ndarray) -> tuple[tuple[SceneObject, ...], torch.Tensor]:
+        """The image's scene objects and their IoU with ``boxes`` (K, 4) in pixels: (objects, (O, K))."""
+        objects = self.scenes[image_id].objects
+        corners = torch.tensor([[x, y, x + w, y + h] for x, y, w, h in (obj.bbox for obj in objects)],
+                               dtype=torch.float32).reshape(-1, 4)
+        return objects, box_iou(corners, torch.from_numpy(np.asarray(boxes, dtype=np.float32)).reshape(-1, 4))
+
+    def one_hot(self, obj: SceneObject | None) -> torch.Tensor:
+        """Shape, colour and size of ``obj`` as concatenated one-hot vectors (zeros for no object)."""
+        out = torch.zeros(len(self.shapes) + len(self.colors) + len(self.sizes))
+        if obj is not None:
+            out[self.shapes.index(obj.shape)] = 1
+            out[len(self.shapes) + self.colors.index(obj.color)] = 1
+            out[len(self.shapes) + len(self.colors) + self.sizes.index(obj.size)] = 1
+        return out
 
 
 class Regions:
-    """Per image: (features (R, D), normalised boxes (R, 4)) from the store, or the oracle's one-hot attributes."""
+    """Per image: (features (R, D), normalised boxes (R, 4), padding (R,)) from the store, or, for the same boxes,
+    the oracle's one-hot attributes of the object each box overlaps most (IoU > 0.5)."""
 
-    def __init__(self, world: Path, store: FeatureStore, kind: str, num_regions: int, min_conf: float = 0.0):
-        self.store, self.kind, self.num_regions, self.min_conf = store, kind, num_regions, min_conf
-        self.scenes = {}
-        for split in SPLITS:
-            for scene in json.loads((world / "scenes" / f"scenes_{split}2014.json").read_text())["scenes"]:
-                self.scenes[scene["image_id"]] = scene
-        objects = [o for scene in self.scenes.values() for o in scene["objects"]]
-        self.shapes = sorted({o["shape"] for o in objects})
-        self.colors = sorted({o["color"] for o in objects})
-        self.sizes = sorted({o["size"] for o in objects})
-        self.dim = store.feature_dim if kind == "detector" else len(self.shapes) + len(self.colors) + len(self.sizes)
+    def __init__(self, world: World, store: FeatureStore, kind: str, num_regions: int, min_conf: float = 0.0):
+        self.world, self.store, self.kind = world, store, kind
+        self.num_regions, self.min_conf = num_regions, min_conf
+        self.dim = store.feature_dim if kind == "detector" else len(world.one_hot(None))
         self.cache: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
     def __call__(self, image_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -103,24 +120,12 @@ class Regions:
             if self.kind == "detector":
                 feats[:count] = torch.from_numpy(record["features"][keep].astype(np.float32))
             else:
-                for row, box in enumerate(record["boxes"][keep]):
-                    feats[row] = self.oracle(image_id, box)
+                objects, iou = self.world.overlaps(image_id, record["boxes"][keep])  # (O, K)
+                for row in range(count):
+                    best = int(iou[:, row].argmax()) if len(objects) else 0
+                    feats[row] = self.world.one_hot(objects[best] if len(objects) and iou[best, row] > 0.5 else None)
             self.cache[image_id] = (feats, boxes, padding)
         return self.cache[image_id]
-
-    def oracle(self, image_id: int, box: np.ndarray) -> torch.Tensor:
-        best, match = 0.5, None
-        for obj in self.scenes[image_id]["objects"]:
-            x, y, w, h = obj["bbox"]
-            overlap = box_iou(np.array([x, y, x + w, y + h]), box)
-            if overlap > best:
-                best, match = overlap, obj
-        out = torch.zeros(self.dim)
-        if match is not None:
-            out[self.shapes.index(match["shape"])] = 1
-            out[len(self.shapes) + self.colors.index(match["color"])] = 1
-            out[len(self.shapes) + len(self.colors) + self.sizes.index(match["size"])] = 1
-        return out
 
 
 class PlainVqa(nn.Module):
@@ -145,32 +150,30 @@ class PlainVqa(nn.Module):
         return self.head(self.encoder(torch.cat([text, regions], dim=1), src_key_padding_mask=padding)[:, 0])
 
 
-def linear_probe(world: Path, store: FeatureStore, num_regions: int, seed: int) -> dict[str, float]:
+def linear_probe(world: World, store: FeatureStore, num_regions: int, seed: int) -> dict[str, float]:
     """Test accuracy of linear classifiers of shape, colour and size from the detector's feature of the box that
     overlaps each scene object most (IoU > 0.5), trained on the train split's objects: is the attribute in the
     feature at all?"""
-    oracle = Regions(world, store, "oracle", num_regions)
     rows: dict[str, tuple[list, list]] = {}
     for split in ("train", "test"):
         feats, labels = [], []
-        for scene in (s for s in oracle.scenes.values() if s["split"] == split):
-            record = store[scene["image_id"]]
-            for obj in scene["objects"]:
-                x, y, w, h = obj["bbox"]
-                overlaps = [box_iou(np.array([x, y, x + w, y + h]), box) for box in record["boxes"][:num_regions]]
-                best = int(np.argmax(overlaps))
-                if overlaps[best] > 0.5:
+        for scene in (s for s in world.scenes.values() if s.split == split):
+            record = store[scene.image_id]
+            objects, iou = world.overlaps(scene.image_id, record["boxes"][:num_regions])  # (O, K)
+            for index, obj in enumerate(objects):
+                best = int(iou[index].argmax())
+                if iou[index, best] > 0.5:
                     feats.append(record["features"][best].astype(np.float32))
-                    labels.append((oracle.shapes.index(obj["shape"]), oracle.colors.index(obj["color"]),
-                                   oracle.sizes.index(obj["size"])))
+                    labels.append((world.shapes.index(obj.shape), world.colors.index(obj.color),
+                                   world.sizes.index(obj.size)))
         rows[split] = (feats, labels)
     x_train, x_test = (torch.from_numpy(np.stack(rows[split][0])) for split in ("train", "test"))
     mean, std = x_train.mean(0), x_train.std(0) + 1e-4
     x_train, x_test = (x_train - mean) / std, (x_test - mean) / std
     out = {}
     torch.manual_seed(seed)
-    for column, (name, classes) in enumerate((("shape", oracle.shapes), ("color", oracle.colors),
-                                              ("size", oracle.sizes))):
+    for column, (name, classes) in enumerate((("shape", world.shapes), ("color", world.colors),
+                                              ("size", world.sizes))):
         y_train, y_test = (torch.tensor([label[column] for label in rows[split][1]]) for split in ("train", "test"))
         probe = nn.Linear(x_train.shape[1], len(classes))
         optimizer = torch.optim.Adam(probe.parameters(), lr=1e-2)
@@ -185,9 +188,9 @@ def linear_probe(world: Path, store: FeatureStore, num_regions: int, seed: int) 
     return out
 
 
-def run(kind: str, world: Path, store: FeatureStore, args: argparse.Namespace) -> dict:
+def run(kind: str, world: World, store: FeatureStore, args: argparse.Namespace) -> dict:
     torch.manual_seed(args.seed)
-    train, test = read_questions(world, "train"), read_questions(world, "test")
+    train, test = world.questions("train"), world.questions("test")
     vocab = {w: i + 2 for i, w in enumerate(sorted({w for q, *_ in train for w in tokenize(q)}))}  # 0 pad, 1 [CLS]
     answers = sorted({a for _, _, a, _ in train})
     answer_index = {a: i for i, a in enumerate(answers)}
@@ -253,11 +256,12 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     demo = Path(args.demo)
-    world, features = demo / "world", demo / "features"
-    for path in (world / "vqa", world / "scenes", features):
+    world_dir, features = demo / "world", demo / "features"
+    for path in (world_dir / "vqa", world_dir / "scenes", features):
         if not path.is_dir():
             sys.exit(f"--demo {demo}: no {path.relative_to(demo)} (run `vl demo --out {demo}` first)")
     store = FeatureStore(features)
+    world = World(world_dir)
     probe = linear_probe(world, store, args.regions, args.seed)
     print(f"linear probe of the detector features (test accuracy %): {json.dumps(probe)}", file=sys.stderr)
     results = {kind: run(kind, world, store, args) for kind in args.kinds}
