@@ -127,10 +127,9 @@ class Demo:
     # stages ---------------------------------------------------------------------------------------------------
     def stages(self) -> list[Stage]:
         cfg = self.cfg
-        vqa_inits = {"vqa-single": str(self.run_dir("pretrain-single")),
-                     "vqa-dual": str(self.run_dir("pretrain-dual")),
-                     "vqa-scratch": "scratch", "vqa-scratch-dual": "scratch"}
-        # from scratch, each pretrained model's architecture with the same VQA recipe
+        pretrained = {"vqa-single": str(self.run_dir("pretrain-single")),
+                      "vqa-dual": str(self.run_dir("pretrain-dual"))}
+        # the other VQA runs start from scratch: each pretrained model's architecture with the same VQA recipe
         scratch_models = {"vqa-scratch": self._model_file(cfg.single_stream_config),
                           "vqa-scratch-dual": self._model_file(cfg.dual_stream_config)}
 
@@ -169,9 +168,10 @@ class Demo:
             results = str(self.out / f"{name}_test_results.json")
             blind = str(self.out / f"{name}_test_blind_results.json")
             return lambda: [
-                _vl("finetune", "vqa", "--init", vqa_inits[name], "--train-questions", self.questions("train"),
-                    "--train-annotations", self.annotations("train"), "--val-questions", self.questions("val"),
-                    "--val-annotations", self.annotations("val"), "--features", str(self.features), "--out", run,
+                _vl("finetune", "vqa", "--init", pretrained.get(name, "scratch"),
+                    "--train-questions", self.questions("train"), "--train-annotations", self.annotations("train"),
+                    "--val-questions", self.questions("val"), "--val-annotations", self.annotations("val"),
+                    "--features", str(self.features), "--out", run,
                     "--config", str(CONFIG_DIR / cfg.vqa_config),
                     *(["--tokenizer", str(self.tokenizer)] if name in scratch_models else []),
                     *self.sets("vqa", f"train.steps={cfg.vqa_steps}", f"train.seed={cfg.seed}",

@@ -44,11 +44,12 @@ def detector_map(instances: Path, detections: Path) -> dict[str, float]:
     return {"mAP": float(evaluation.stats[0]), "mAP@0.5": float(evaluation.stats[1])}
 
 
-def vqa_scores(annotations: Path, results: Path) -> dict[str, Any]:
-    from vl.data.formats import read_vqa_annotations, read_vqa_results
+def vqa_scores(annotations: list[Any], results: Path) -> dict[str, Any]:
+    """Official VQA accuracy of a results file against read annotations (``read_vqa_annotations``)."""
+    from vl.data.formats import read_vqa_results
     from vl.tasks.vqa_eval import evaluate_vqa
 
-    return evaluate_vqa(read_vqa_annotations(annotations), read_vqa_results(results))
+    return evaluate_vqa(annotations, read_vqa_results(results))
 
 
 def retrieval_recall(karpathy: Path, rankings: Path, split: str = "test") -> dict[str, float]:
@@ -216,10 +217,11 @@ def write_report(demo: Demo, total_seconds: float) -> Path:
     train_metrics = demo.detector / "metrics.json"
     if train_metrics.is_file():
         figures["detector_val"] = json.loads(train_metrics.read_text())
-    figures["vqa"] = {name: vqa_scores(Path(demo.annotations("test")), out / f"{name}_test_results.json")
-                      for name in VQA_RUNS}
-    figures["vqa_image_blind"] = {name: vqa_scores(Path(demo.annotations("test")),
-                                                   out / f"{name}_test_blind_results.json")
+    from vl.data.formats import read_vqa_annotations
+
+    annotations = read_vqa_annotations(demo.annotations("test"))  # read once: every score and the examples' truth
+    figures["vqa"] = {name: vqa_scores(annotations, out / f"{name}_test_results.json") for name in VQA_RUNS}
+    figures["vqa_image_blind"] = {name: vqa_scores(annotations, out / f"{name}_test_blind_results.json")
                                   for name in VQA_RUNS if (out / f"{name}_test_blind_results.json").is_file()}
     figures["retrieval"] = retrieval_recall(demo.world / "dataset_coco.json", out / "retrieval_rankings_test.json")
     examples = demo.example_questions()
@@ -256,8 +258,7 @@ def write_report(demo: Demo, total_seconds: float) -> Path:
     retrieval_rows = [[direction] + [f"{recall[f'{direction} R@{k}']:.1f}" for k in (1, 5, 10)]
                       for direction in ("text→image", "image→text")]
     timing_rows = [[name, f"{seconds:.0f}"] for name, seconds in demo.timings.items()]
-    truth = {a["question_id"]: a["multiple_choice_answer"]
-             for a in json.loads(Path(demo.annotations("test")).read_text())["annotations"]}
+    truth = {a.question_id: a.multiple_choice_answer for a in annotations}
     qa_rows = []
     for i, e in enumerate(examples):
         answer, _, score = (answers[i] if i < len(answers) else "").rpartition(" ")
