@@ -103,11 +103,11 @@ class SingleStreamModel(nn.Module):
             joint_mask = torch.cat([text_part.to(region_part.dtype), region_part], dim=1)  # (B, T + R)
         joint_rows = None
         if rows is not None and (rows.text is not None or rows.regions is not None):
+            rows = rows.with_first(text=True, regions=False)  # [CLS], read by the pooler
             text_rows = rows.text if rows.text is not None else input_ids.new_ones(input_ids.shape, dtype=torch.bool)
             region_rows = rows.regions if rows.regions is not None else \
                 input_ids.new_ones(region_tokens.shape[:2], dtype=torch.bool)
-            joint_rows = torch.cat([text_rows.bool(), region_rows.bool()], dim=1)  # (B, T + R)
-            joint_rows[:, 0] = True  # [CLS], read by the pooler
+            joint_rows = torch.cat([text_rows, region_rows.bool()], dim=1)  # (B, T + R)
         hidden = self.encoder(torch.cat([text_tokens, region_tokens], dim=1), key_padding_mask(joint_mask),
                               rows=joint_rows)  # (B, T + R, H)
         text_hidden, region_hidden = hidden[:, :num_text], hidden[:, num_text:]  # (B, T, H), (B, R, H)
