@@ -20,11 +20,11 @@ import pytest
 import torch
 from torch import nn
 
-from region_features.store import FeatureStore
+from region_features.store import FeatureStore, FeatureStoreWriter
 from vl.checkpoints.io import load_state_file
 from vl.data.shards import CaptionRecord, ShardStream, StreamConfig, expand_shards
 from vl.data.vl_batches import PretrainBatchMaker, PretrainDataConfig, PretrainStream, TaskMixer
-from vl.data.vl_masking import VLBatchPlan
+from vl.data.vl_masking import VLBatchPlan, VLMaskingConfig
 from vl.data.world_features import write_world_features
 from vl.errors import UserError
 from vl.text.tokenizer import Tokenizer
@@ -91,6 +91,30 @@ def test_batches_join_store_tokenize_and_mask(world, features, tokenizer_dir):
     assert (tasks["mlm"]["mlm_labels"] != -100).any() and "itm_labels" not in tasks["mlm"]
     assert tasks["mrfr"]["mrm_mask"].any() and "mrm_class_targets" in tasks["mrfr"]
     assert (tasks["itm"]["itm_labels"] == 0).any() and "mlm_labels" not in tasks["itm"]
+
+
+def test_grounded_masking_selects_the_words_the_detector_names(world, features, tokenizer_dir):
+    masking = VLMaskingConfig(mlm_probability=0.0, grounded_probability=1.0, ensure_one_masked=False)
+    maker = maker_for(world, features, tokenizer_dir, {"mlm": 1.0}, masking=masking)
+    tokenizer = maker.tokenizer
+    records = [CaptionRecord(image_id, "a large blue cross left of a red circle", str(image_id), "x")
+               for image_id in list(FeatureStore(features).ids())[:4]]
+    batch = maker(records, 0, torch.Generator().manual_seed(0))
+    masked = tokenizer.convert_ids_to_tokens(batch["mlm_labels"][0][batch["mlm_labels"][0] != -100])
+    assert masked == ["large", "blue", "cross", "red", "circle"]  # not "a", "left", "of"
+
+
+def test_grounded_masking_needs_detector_names_in_the_store(world, features, tokenizer_dir, tmp_path):
+    store = FeatureStore(features)
+    bare = tmp_path / "bare"
+    with FeatureStoreWriter(bare, feature_dim=store.feature_dim, num_classes=store.num_classes,
+                            num_attributes=store.num_attributes) as writer:
+        image_id = next(iter(store.ids()))
+        writer.add(image_id, {k: v for k, v in store[image_id].items() if k != "image_id"})
+    cfg = PretrainDataConfig(masking=VLMaskingConfig(grounded_probability=0.5))
+    with pytest.raises(UserError, match="grounded_probability.*names no detector classes"):
+        PretrainBatchMaker(Tokenizer.from_dir(tokenizer_dir), FeatureStore(bare), cfg, TaskMixer({"mlm": 1.0}, 0),
+                           {"mlm": VLBatchPlan(mask_text=True)})
 
 
 def test_summed_tasks_mask_mismatched_pairs_too_so_masking_does_not_reveal_the_label(world, features,

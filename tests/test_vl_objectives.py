@@ -20,6 +20,7 @@ from vl.data.vl_masking import (
     VLBatchPlan,
     VLMaskingConfig,
     concat_batches,
+    grounded_token_ids,
     make_itm_negatives,
     mask_region_features,
     mask_text_tokens,
@@ -238,6 +239,44 @@ def test_masking_vocab_from_the_project_tokenizer():
     assert vocab == MaskingVocab(10, tokenizer.mask_id, (0, 1, 2, 3, 4))
 
 
+def test_grounded_tokens_are_the_detector_names_and_their_plurals_that_are_one_token():
+    from vl.text.tokenizer import Tokenizer
+
+    words = ["a", "red", "circle", "circles", "box", "boxes", "tennis", "racket", "##s", "blue"]
+    tokenizer = Tokenizer({token: index for index, token in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]",
+                                                                        *words])})
+    # "tennis racket" gives both words; "rackets" is two pieces (racket ##s) and stays out; "star" is unknown
+    ids = grounded_token_ids(tokenizer, ["circle", "Box", "tennis racket", "red", "star"])
+    assert tokenizer.convert_ids_to_tokens(ids) == ["red", "circle", "circles", "box", "boxes", "tennis", "racket"]
+
+
+def test_grounded_probability_masks_the_grounded_tokens_at_their_own_rate():
+    batch = make_batch(batch_size=64, text_len=40, vocab_size=40)
+    grounded = (10, 11, 12)
+    vocab = MaskingVocab(40, 4, (0, 1, 2, 3, 4), grounded)
+    candidates = batch["attention_mask"].bool() & (batch["input_ids"] > 4)
+    is_grounded = candidates & torch.isin(batch["input_ids"], torch.tensor(grounded))
+    assert is_grounded.sum() > 100 and (candidates & ~is_grounded).sum() > 1000
+    gen = torch.Generator().manual_seed(0)
+    _, labels = mask_text_tokens(batch["input_ids"], batch["attention_mask"], vocab, gen, probability=0.0,
+                                 ensure_one_masked=False, grounded_probability=1.0)
+    assert torch.equal(labels != IGNORE_INDEX, is_grounded), "exactly the grounded tokens are selected"
+    hits = {True: 0, False: 0}
+    for _ in range(20):
+        _, labels = mask_text_tokens(batch["input_ids"], batch["attention_mask"], vocab, gen, probability=0.15,
+                                     ensure_one_masked=False, grounded_probability=0.5)
+        chosen = labels != IGNORE_INDEX
+        hits[True] += int((chosen & is_grounded).sum())
+        hits[False] += int((chosen & candidates & ~is_grounded).sum())
+    assert abs(hits[True] / (20 * is_grounded.sum()) - 0.5) < 0.04
+    assert abs(hits[False] / (20 * (candidates & ~is_grounded).sum()) - 0.15) < 0.01
+    # unset, grounded tokens are ordinary: the same draws as without grounded ids
+    plain = mask_text_tokens(batch["input_ids"], batch["attention_mask"], MaskingVocab(40, 4, (0, 1, 2, 3, 4)),
+                             torch.Generator().manual_seed(3))
+    unset = mask_text_tokens(batch["input_ids"], batch["attention_mask"], vocab, torch.Generator().manual_seed(3))
+    assert all(torch.equal(a, b) for a, b in zip(plain, unset))
+
+
 def test_wra_runs_in_float32_under_bf16_autocast():
     gen = torch.Generator().manual_seed(0)
     text, regions = torch.randn(2, 5, 32, generator=gen), torch.randn(2, 4, 32, generator=gen)
@@ -254,6 +293,8 @@ def test_masking_config_and_batch_errors():
         VLMaskingConfig(mlm_probability=1.5)
     with pytest.raises(ValueError, match="itm_negative_swap"):
         VLMaskingConfig(itm_negative_swap="captions")
+    with pytest.raises(ValueError, match="grounded_probability"):
+        VLMaskingConfig(grounded_probability=-0.1)
     with pytest.raises(UserError, match="region_feats"):
         prepare_vl_batch({"input_ids": torch.zeros(2, 3, dtype=torch.long)}, VLMaskingConfig(), VOCAB,
                          torch.Generator(), VLBatchPlan(mask_text=True))

@@ -33,7 +33,7 @@ import random
 import sys
 import zlib
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import numpy as np
@@ -45,6 +45,7 @@ from vl.data.vl_masking import (
     MaskingVocab,
     VLBatchPlan,
     VLMaskingConfig,
+    grounded_token_ids,
     mask_region_features,
     mask_text_tokens,
     prepare_vl_batch,
@@ -118,6 +119,21 @@ class TaskMixer:
         return self.names[-1]
 
 
+def _grounded_ids(tokenizer: Any, store: Any) -> tuple[int, ...]:
+    """The token ids ``data.masking.grounded_probability`` applies to: the store's class and attribute names."""
+    meta = getattr(store, "meta", None) or {}
+    names = [*(meta.get("class_names") or ()), *(meta.get("attribute_names") or ())]
+    where = f"data.masking.grounded_probability: the feature store {getattr(store, 'root', '')}".rstrip()
+    if not names:
+        raise UserError(f"{where} names no detector classes or attributes (store.json meta class_names / "
+                        "attribute_names); extract it with a detector that has them, or leave the option unset")
+    ids = grounded_token_ids(tokenizer, names)
+    if not ids:
+        raise UserError(f"{where}: none of its {len(names)} class and attribute names ({', '.join(names[:5])}...) "
+                        "is a single token of the tokenizer")
+    return ids
+
+
 def numeric_image_id(image_id: int | str) -> int:
     """An int for ``image_ids``: the id itself, or a stable 62-bit hash of a string id."""
     if isinstance(image_id, int):
@@ -144,6 +160,8 @@ class PretrainBatchMaker:
         self.geometry = geometry
         self.with_class_probs = with_class_probs and getattr(store, "num_classes", 0) > 0
         self.vocab = MaskingVocab.from_tokenizer(tokenizer)
+        if cfg.masking.grounded_probability is not None:
+            self.vocab = replace(self.vocab, grounded_token_ids=_grounded_ids(tokenizer, store))
         self.feature_dim = int(store.feature_dim)
         self.num_classes = int(getattr(store, "num_classes", 0))
 
@@ -264,7 +282,7 @@ def mask_mismatched_inputs(batch: dict[str, Any], cfg: VLMaskingConfig, vocab: M
     if bool(text_rows.any()):
         masked_ids, _ = mask_text_tokens(out["input_ids"], out["attention_mask"], vocab, generator,
                                          cfg.mlm_probability, cfg.mask_token_fraction, cfg.random_token_fraction,
-                                         text_rows, cfg.ensure_one_masked)
+                                         text_rows, cfg.ensure_one_masked, cfg.grounded_probability)
         out["input_ids"] = masked_ids
     if bool(region_rows.any()):
         masked_feats, _ = mask_region_features(out["region_feats"], out["region_mask"], generator,

@@ -48,6 +48,11 @@ class VLMaskingConfig:
     """How a VL pretraining batch is masked and how ITM negatives are made (YAML section ``masking``)."""
 
     mlm_probability: float = 0.15  # fraction of real, non-special text tokens selected for MLM
+    # Selection probability of caption tokens that name one of the detector's classes or attributes (the store's
+    # class_names / attribute_names): Bitton et al. 2021's object masking. MLM with uniform masking learns to
+    # predict from the caption and barely reads the image; these are the words only the image can recover.
+    # None: such tokens are selected like any other.
+    grounded_probability: float | None = None
     mask_token_fraction: float = 0.8  # of the selected tokens: replaced by [MASK]
     random_token_fraction: float = 0.1  # of the selected tokens: replaced by a random non-special token
     mrm_probability: float = 0.15  # fraction of real regions selected for masked region modelling
@@ -58,6 +63,8 @@ class VLMaskingConfig:
     itm_negative_swap: str = "regions"  # what a negative takes from another sample: regions | text | either
 
     def __post_init__(self):
+        if self.grounded_probability is not None and not 0.0 <= self.grounded_probability <= 1.0:
+            raise ValueError(f"grounded_probability must be in [0, 1], got {self.grounded_probability}")
         for name in ("mlm_probability", "mask_token_fraction", "random_token_fraction", "mrm_probability",
                      "text_masking_fraction", "itm_negative_ratio"):
             value = getattr(self, name)
@@ -71,11 +78,13 @@ class VLMaskingConfig:
 
 @dataclass(frozen=True)
 class MaskingVocab:
-    """The token ids text masking needs: vocabulary size, [MASK], and the specials that are never masked."""
+    """The token ids text masking needs: vocabulary size, [MASK], the specials that are never masked, and the
+    grounded tokens (names of detector classes and attributes, see ``grounded_token_ids``)."""
 
     vocab_size: int
     mask_token_id: int
     special_token_ids: tuple[int, ...]
+    grounded_token_ids: tuple[int, ...] = ()
 
     @classmethod
     def from_tokenizer(cls, tokenizer: Any) -> MaskingVocab:
@@ -101,6 +110,21 @@ class VLBatchPlan:
             mask_regions=any(getattr(o, "needs_masking", None) == "regions" for o in objectives),
             itm_negatives=any(getattr(o, "needs_negatives", False) for o in objectives),
         )
+
+
+def grounded_token_ids(tokenizer: Any, names: Iterable[str]) -> tuple[int, ...]:
+    """The vocabulary ids of the words in ``names`` (detector class and attribute names such as ``circle``,
+    ``red``, ``tennis racket``) and of their plurals (``circles``, ``boxes``): each word that the tokenizer keeps as
+    one token. Words split into several pieces are left out: masking one piece would leave the rest as a hint."""
+    ids = set()
+    for name in names:
+        for word in str(name).lower().replace("_", " ").split():
+            plural = word + "es" if word.endswith(("s", "x", "ch", "sh")) else word + "s"
+            for form in (word, plural):
+                pieces = tokenizer.encode(form, add_special_tokens=False).ids
+                if len(pieces) == 1 and pieces[0] not in tokenizer.special_ids:
+                    ids.add(int(pieces[0]))
+    return tuple(sorted(ids))
 
 
 def _check_batch(batch: dict[str, torch.Tensor]) -> None:
@@ -132,19 +156,26 @@ def mask_text_tokens(
     random_token_fraction: float = 0.1,
     sample_mask: torch.Tensor | None = None,
     ensure_one_masked: bool = True,
+    grounded_probability: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """BERT masking of (B, T) ``input_ids``; returns (masked ids, ``mlm_labels`` with -100 where not selected).
 
     Only real (``attention_mask`` 1), non-special tokens of samples where ``sample_mask`` (B,) is True are
-    selected, each with ``probability``. Selected tokens become [MASK] (``mask_token_fraction``), a random
-    non-special token (``random_token_fraction``) or stay as they are (the rest).
+    selected, each with ``probability``, or with ``grounded_probability`` if it is in ``vocab.grounded_token_ids``
+    (None: ``probability`` too). Selected tokens become [MASK] (``mask_token_fraction``), a random non-special
+    token (``random_token_fraction``) or stay as they are (the rest).
     """
     batch_size, _ = input_ids.shape
     if sample_mask is None:
         sample_mask = torch.ones(batch_size, dtype=torch.bool)
     specials = torch.tensor(vocab.special_token_ids, dtype=input_ids.dtype)
     candidates = attention_mask.bool() & ~torch.isin(input_ids, specials) & sample_mask.bool()[:, None]
-    selected = (torch.rand(input_ids.shape, generator=generator) < probability) & candidates
+    draws = torch.rand(input_ids.shape, generator=generator)
+    selected = draws < probability
+    if grounded_probability is not None and vocab.grounded_token_ids:
+        grounded = torch.isin(input_ids, torch.tensor(vocab.grounded_token_ids, dtype=input_ids.dtype))
+        selected = torch.where(grounded, draws < grounded_probability, selected)
+    selected &= candidates
     if ensure_one_masked:
         selected = _ensure_one(selected, candidates, sample_mask.bool(), generator)
     labels = torch.where(selected, input_ids, torch.full_like(input_ids, IGNORE_INDEX))
@@ -281,6 +312,7 @@ def prepare_vl_batch(
         out["input_ids"], out["mlm_labels"] = mask_text_tokens(
             out["input_ids"], out["attention_mask"], vocab, generator, cfg.mlm_probability,
             cfg.mask_token_fraction, cfg.random_token_fraction, text_rows, cfg.ensure_one_masked,
+            cfg.grounded_probability,
         )
     if plan.mask_regions:
         original = out["region_feats"]
