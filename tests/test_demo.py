@@ -26,6 +26,9 @@ def test_quick_demo_writes_a_report(tmp_path):
     report = (out / "report.md").read_text()
     for heading in ("Detector", "VQA accuracy", "image-blind control", "retrieval", "Time per stage"):
         assert heading.lower() in report.lower()
+    # the report says what was pretrained, as the run configs record it (quick: 4 steps)
+    assert "`pretrain-uniter-small.yaml` (width 128, 4 steps" in report
+    assert "`pretrain-lxmert-small.yaml` (width 128, 4 steps" in report
     assert (out / "report.html").read_text().startswith("<!doctype html>")
     for png in ("pretraining_loss.png", "vqa_accuracy.png", "examples.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"

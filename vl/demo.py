@@ -51,13 +51,13 @@ class DemoConfig:
     test_images: int = 500  # 3,000 test questions: the VQA comparison's noise is well under a point
     detector_config: str = "detector-tiny.yaml"
     detector_steps: int = 1200
-    single_stream_config: str = "pretrain-uniter-tiny.yaml"
-    dual_stream_config: str = "pretrain-lxmert-tiny.yaml"
-    pretrain_steps: int = 1000
+    single_stream_config: str = "pretrain-uniter-small.yaml"
+    dual_stream_config: str = "pretrain-lxmert-small.yaml"
+    pretrain_steps: int | None = None  # None: each pretraining config's own train.steps
     vqa_config: str = "finetune-vqa-tiny.yaml"
     vqa_steps: int = 1000
     retrieval_config: str = "finetune-retrieval-tiny.yaml"
-    retrieval_steps: int = 1000
+    retrieval_steps: int = 500  # hard negatives mined by ITM cost ~0.35 s a step at width 128
     num_boxes: int = 10  # regions per image in the feature store
     vocab_size: int = 400  # WordPiece vocabulary shared by every model
     example_questions: int = 6  # `vl vqa` calls on held-out images
@@ -160,7 +160,8 @@ class Demo:
             return lambda: [_vl("pretrain", "--config", str(CONFIG_DIR / config),
                                 "--shards", self.world_file("shards", "train-*.tar"), "--features", str(self.features),
                                 "--out", str(self.run_dir(name)), "--tokenizer", str(self.tokenizer),
-                                *self.sets("pretrain", f"train.steps={cfg.pretrain_steps}",
+                                *self.sets("pretrain", *([f"train.steps={cfg.pretrain_steps}"]
+                                                         if cfg.pretrain_steps is not None else []),
                                            f"train.seed={cfg.seed}", *self.feature_sets()))]
 
         def vqa(name: str) -> Callable[[], list[list[str]]]:

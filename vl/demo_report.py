@@ -202,6 +202,20 @@ def _with_blind(score: dict[str, Any], blind: dict[str, Any] | None, question_ty
     return f"{pick(score):.1f}" + (f" ({pick(blind):.1f})" if blind else "")
 
 
+def pretraining_recipe(demo: Demo) -> str:
+    """What each pretrained model is: its config, architecture width, steps and batch, from the run's config.yaml."""
+    from vl.config import read_yaml
+
+    parts = []
+    for name, label, config in (("pretrain-single", "single-stream", demo.cfg.single_stream_config),
+                                ("pretrain-dual", "dual-stream", demo.cfg.dual_stream_config)):
+        saved = read_yaml(demo.run_dir(name) / "config.yaml")
+        train, model = saved.get("train", {}), saved.get("model", {})
+        parts.append(f"{label} `{config}` (width {model.get('text', {}).get('hidden_size', '?')}, "
+                     f"{train.get('steps', '?')} steps of {train.get('batch_size', '?')} captions)")
+    return "Pretraining: " + "; ".join(parts) + "."
+
+
 def _table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
@@ -275,7 +289,7 @@ def write_report(demo: Demo, total_seconds: float) -> Path:
         "## VQA accuracy (%), test split, official metric\n\n" + _table(
             ["model", "overall", "yes/no", "number", "other"], vqa_rows),
         f"Same fine-tuning budget for all four ({cfg.vqa_steps} steps); each pretrained model is compared with its "
-        "own architecture trained from scratch.",
+        "own architecture trained from scratch. " + pretraining_recipe(demo),
         "### By question type, with the image-blind control\n\nEach cell: accuracy on the real images (on other "
         "images' regions, `vl predict vqa --shuffle-images`). Where the two are close, the model answers from the "
         "question alone.\n\n" + _table(["question type", *VQA_RUNS.values()], type_rows),
