@@ -116,11 +116,12 @@ def grounded_token_ids(tokenizer: Any, names: Iterable[str]) -> tuple[int, ...]:
     """The vocabulary ids of the words in ``names`` (detector class and attribute names such as ``circle``,
     ``red``, ``tennis racket``) and of their plurals (``circles``, ``boxes``): each word that the tokenizer keeps as
     one token. Words split into several pieces are left out: masking one piece would leave the rest as a hint."""
+    from vl.data.world_language import plural  # the English rule the generated world's captions use
+
     ids = set()
     for name in names:
         for word in str(name).lower().replace("_", " ").split():
-            plural = word + "es" if word.endswith(("s", "x", "ch", "sh")) else word + "s"
-            for form in (word, plural):
+            for form in (word, plural(word)):
                 pieces = tokenizer.encode(form, add_special_tokens=False).ids
                 if len(pieces) == 1 and pieces[0] not in tokenizer.special_ids:
                     ids.add(int(pieces[0]))
