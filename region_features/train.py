@@ -388,10 +388,13 @@ def train_detector(
         model.use_channels_last()
     model.train()
     parameters = [p for p in model.parameters() if p.requires_grad]
+    # The fused AdamW kernel (CPU and CUDA) updates every tensor in one call; the default per-tensor loop cost
+    # ~14 ms of a ~170 ms step of detector-tiny on 2 CPU cores. SGD gets the multi-tensor path.
     if tcfg.optimizer == "adamw":
-        optimizer = torch.optim.AdamW(parameters, lr=tcfg.lr, weight_decay=tcfg.weight_decay)
+        optimizer = torch.optim.AdamW(parameters, lr=tcfg.lr, weight_decay=tcfg.weight_decay, fused=True)
     else:
-        optimizer = torch.optim.SGD(parameters, lr=tcfg.lr, momentum=tcfg.momentum, weight_decay=tcfg.weight_decay)
+        optimizer = torch.optim.SGD(parameters, lr=tcfg.lr, momentum=tcfg.momentum, weight_decay=tcfg.weight_decay,
+                                    foreach=True)
 
     dataset = DetectionTrainData(instances, images_dir, labels)
     if model.num_attributes and tcfg.attribute_pos_weight > 0 and checkpoint is None:
