@@ -18,6 +18,7 @@ Accuracies are returned in percent, like the official script (which also rounds 
 
 from __future__ import annotations
 
+import functools
 import re
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
@@ -67,6 +68,9 @@ PUNCT = [";", r"/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-",
 _PERIOD_STRIP_COUNT = int(re.UNICODE)
 
 
+# Pure functions of short strings that repeat across a split (every question has 10 annotator answers, mostly the
+# same few words): cached, the soft targets of the generated world's 6,000 training questions take 0.12 s, not 0.76.
+@functools.lru_cache(maxsize=1 << 18)
 def process_punctuation(text: str) -> str:
     """The official ``processPunctuation``: a punctuation mark next to a space (or any mark, when the text holds a
     digit-comma-digit) is deleted, otherwise replaced by a space; periods not followed by a digit are deleted."""
@@ -90,6 +94,7 @@ def process_digit_article(text: str) -> str:
     return " ".join(CONTRACTIONS.get(word, word) for word in words)
 
 
+@functools.lru_cache(maxsize=1 << 18)
 def normalize_answer(answer: str) -> str:
     """A predicted answer as the official script compares it (steps 1 of the module docstring)."""
     answer = answer.replace("\n", " ").replace("\t", " ").strip()
