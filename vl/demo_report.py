@@ -13,6 +13,7 @@ import html
 import io
 import json
 import math
+import os
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -222,6 +223,17 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
+def stage_sharing(demo: Demo) -> str:
+    """How the stages shared the machine, which the stage times depend on."""
+    slots = demo.slots()
+    if slots == 1:
+        return "The stages ran one after another."
+    threads = max(1, (os.cpu_count() or 1) // slots)
+    return (f"The world, the detector, detection and extraction ran one after another with the whole machine; the "
+            f"later stages ran {slots} at a time, each on {threads} thread{'s' if threads > 1 else ''}, so their "
+            "times overlap and add up to more than the total.")
+
+
 def write_report(demo: Demo, total_seconds: float) -> Path:
     out = demo.out
     cfg = demo.cfg
@@ -298,7 +310,7 @@ def write_report(demo: Demo, total_seconds: float) -> Path:
         "## Plots\n\n" + "\n\n".join(f"![{name}]({path.name})" for name, path in plots.items() if path),
         "## Questions on held-out images (`vl vqa`)\n\n" + _table(
             ["image", "question", "top answer", "score", "annotators' answer"], qa_rows),
-        "## Time per stage (s)\n\n" + _table(["stage", "seconds"], timing_rows),
+        "## Time per stage (s)\n\n" + _table(["stage", "seconds"], timing_rows) + "\n\n" + stage_sharing(demo),
     ]
     markdown = "\n\n".join(sections) + "\n"
     atomic_write_text(out / "report.md", markdown)
