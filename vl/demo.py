@@ -299,7 +299,7 @@ class Demo:
                 print(f"{number[stage.name]}: done earlier ({done[stage.name]:.0f}s)", flush=True)
         pending = [stage for stage in stages if stage.name not in done]
         slots = self.slots()
-        threads = str(max(1, (os.cpu_count() or 1) // slots))
+        threads = str(self.threads_per_stage())
         finished: queue.Queue[tuple[Stage, float, Exception | None]] = queue.Queue()
         running: dict[str, tuple[Stage, threading.Thread]] = {}
         failures: list[Exception] = []
@@ -354,6 +354,10 @@ class Demo:
     def slots(self) -> int:
         """How many stages run at a time after feature extraction (at most one per core)."""
         return max(1, min(self.cfg.parallel, os.cpu_count() or 1))
+
+    def threads_per_stage(self) -> int:
+        """Threads each of those stages gets: the cores shared between the stages running at a time."""
+        return max(1, (os.cpu_count() or 1) // self.slots())
 
     def _run_commands(self, stage: Stage, env: dict[str, str]) -> None:
         log = self.logs / f"{stage.name}.log"

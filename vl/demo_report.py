@@ -13,7 +13,6 @@ import html
 import io
 import json
 import math
-import os
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -228,7 +227,7 @@ def stage_sharing(demo: Demo) -> str:
     slots = demo.slots()
     if slots == 1:
         return "The stages ran one after another."
-    threads = max(1, (os.cpu_count() or 1) // slots)
+    threads = demo.threads_per_stage()
     return (f"The world, the detector, detection and extraction ran one after another with the whole machine; the "
             f"later stages ran {slots} at a time, each on {threads} thread{'s' if threads > 1 else ''}, so their "
             "times overlap and add up to more than the total.")
