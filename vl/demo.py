@@ -305,13 +305,12 @@ class Demo:
         failures: list[Exception] = []
 
         def work(stage: Stage, env: dict[str, str]) -> None:
-            began = time.perf_counter()
+            began, error = time.perf_counter(), None
             try:
                 self._run_commands(stage, env)
-            except Exception as error:  # reported by the scheduling loop, which waits for the other stages
-                finished.put((stage, time.perf_counter() - began, error))
-            else:
-                finished.put((stage, time.perf_counter() - began, None))
+            except Exception as failure:  # reported by the scheduling loop, which waits for the other stages
+                error = failure
+            finished.put((stage, time.perf_counter() - began, error))
 
         def startable(stage: Stage) -> bool:
             return all(need in done for need in stage.needs)
@@ -332,7 +331,7 @@ class Demo:
                     print(f"{number[ready.name]} ...", flush=True)
                     thread.start()
                 if not running:
-                    break  # a failure stopped the queue, or nothing left can start
+                    break  # a failure stopped the queue (otherwise the first pending stage can always start)
                 stage, seconds, error = finished.get()
                 running.pop(stage.name)[1].join()
                 if error is not None:
@@ -347,8 +346,6 @@ class Demo:
             raise
         if failures:
             raise failures[0]
-        if pending:
-            raise UserError(f"demo stages {[stage.name for stage in pending]} could not start: their inputs failed")
         return {name: done[name] for name in names if name in done}
 
     def slots(self) -> int:

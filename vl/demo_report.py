@@ -228,9 +228,10 @@ def stage_sharing(demo: Demo) -> str:
     if slots == 1:
         return "The stages ran one after another."
     threads = demo.threads_per_stage()
-    return (f"The world, the detector, detection and extraction ran one after another with the whole machine; the "
-            f"later stages ran {slots} at a time, each on {threads} thread{'s' if threads > 1 else ''}, so their "
-            "times overlap and add up to more than the total.")
+    alone = ", ".join(stage.name for stage in demo.stages() if stage.alone)
+    return (f"Stages {alone} ran one after another with the whole machine; the later stages ran {slots} at a "
+            f"time, each on {threads} thread{'s' if threads > 1 else ''}, so their times overlap and add up to more "
+            "than the total.")
 
 
 def write_report(demo: Demo, total_seconds: float) -> Path:
