@@ -16,7 +16,8 @@ from vl.encoders.bert import BertPretrainingModel
 from vl.encoders.text import TextEncoderConfig
 from vl.objectives.text import TextPretrainingModel
 from vl.text.tokenizer import Tokenizer
-from vl.train.loop import TrainConfig, decay_parameter_groups, list_checkpoints, seed_everything, train
+from vl.train.loop import (TrainConfig, build_optimizer, clipped_step, decay_parameter_groups, list_checkpoints,
+                           seed_everything, train)
 from vl.train.pretrain_text import TextDataConfig, TextPretrainConfig, build_text_stream
 from vl.train.schedule import lr_multiplier
 
@@ -196,3 +197,26 @@ def test_pretrain_text_errors_name_the_input(world, tmp_path, capsys, argv, mess
     flat = [item for pair in args.items() for item in pair]
     assert main(["pretrain-text", *flat, *extra]) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("max_norm", [0.05, 100.0])  # clipped, and below the limit
+def test_clipping_inside_the_fused_kernel_equals_clip_then_step(max_norm):
+    torch.manual_seed(0)
+    models = [Regression(), Regression()]
+    models[1].load_state_dict(models[0].state_dict())
+    batch = {"x": torch.randn(64, 4), "y": torch.randn(64)}
+    optimizers = [build_optimizer(model, TrainConfig(lr=1e-2)) for model in models]
+    assert optimizers[0].defaults["fused"]
+    for _ in range(3):
+        norms = []
+        for model, optimizer, in_kernel in zip(models, optimizers, (True, False)):
+            model.eval()  # no dropout: the same gradients
+            model(batch)["mse"].backward()
+            norms.append(clipped_step(optimizer, list(model.parameters()), max_norm, in_kernel=in_kernel))
+            optimizer.zero_grad(set_to_none=True)
+        torch.testing.assert_close(norms[0], norms[1])
+        assert not hasattr(optimizers[0], "grad_scale")
+    if max_norm < 1:
+        assert norms[0] > max_norm  # the clipping was active
+    for ours, reference in zip(models[0].parameters(), models[1].parameters()):
+        torch.testing.assert_close(ours, reference, rtol=1e-6, atol=1e-7)

@@ -142,3 +142,27 @@ def test_encoder_returns_every_layer_and_rejects_long_inputs():
     assert out.pooled.shape == (2, 32)
     with pytest.raises(ValueError, match="max_position"):
         model(torch.randint(5, 50, (1, 40)))
+
+
+@pytest.mark.parametrize("training", [True, False])  # the explicit CPU attention (under gradient) and SDPA
+def test_attention_both_ways_equals_the_two_calls_with_their_gradients(training):
+    torch.manual_seed(0)
+    attention = Attention(32, 4).train(training)
+    a, b = torch.randn(3, 5, 32, requires_grad=True), torch.randn(3, 7, 32, requires_grad=True)
+    a_mask = torch.ones(3, 1, 1, 5, dtype=torch.bool)
+    b_mask = torch.ones(3, 1, 1, 7, dtype=torch.bool)
+    a_mask[0, ..., 3:] = False
+    b_mask[2, ..., 1:] = False
+    with torch.set_grad_enabled(training):
+        a_out, b_out = attention.both_ways(a, a_mask, b, b_mask)
+        a_ref, b_ref = attention(a, b, attn_mask=b_mask), attention(b, a, attn_mask=a_mask)
+    torch.testing.assert_close(a_out, a_ref)
+    torch.testing.assert_close(b_out, b_ref)
+    if not training:
+        return
+    weights = torch.randn_like(a_out), torch.randn_like(b_out)
+    inputs = [a, b, *attention.parameters()]
+    ours = torch.autograd.grad((a_out * weights[0]).sum() + (b_out * weights[1]).sum(), inputs)
+    reference = torch.autograd.grad((a_ref * weights[0]).sum() + (b_ref * weights[1]).sum(), inputs)
+    for got, expected in zip(ours, reference):
+        torch.testing.assert_close(got, expected)

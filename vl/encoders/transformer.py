@@ -244,6 +244,32 @@ class Attention(nn.Module):
         y = y.transpose(1, 2).reshape(batch, seq, self.num_heads * self.head_dim)  # (B, T, nh*hd)
         return self.out(y)
 
+    def both_ways(self, a: torch.Tensor, a_mask: torch.Tensor | None, b: torch.Tensor, b_mask: torch.Tensor | None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``a`` attending to ``b`` and ``b`` attending to ``a`` with these same weights (LXMERT's cross-attention),
+        each projection one matrix product over both sequences' rows.
+
+        a (B, T, D), b (B, S, D), masks bool (B, 1, 1, T|S) or None -> (``self(a, b, b_mask)`` (B, T, D),
+        ``self(b, a, a_mask)`` (B, S, D)). Equals the two calls; one product per weight instead of two also means
+        one weight gradient, not two summed.
+        """
+        batch, t, s = a.shape[0], a.shape[1], b.shape[1]
+        rows = torch.cat([a.reshape(batch * t, -1), b.reshape(batch * s, -1)])  # (B*T + B*S, D)
+
+        def heads(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # (B*T + B*S, nh*hd) -> per sequence
+            return (x[:batch * t].view(batch, t, self.num_heads, self.head_dim).transpose(1, 2),
+                    x[batch * t:].view(batch, s, self.num_heads, self.head_dim).transpose(1, 2))
+
+        (q_a, q_b), (k_a, k_b), (v_a, v_b) = heads(self.query(rows)), heads(self.key(rows)), heads(self.value(rows))
+        dropout_p = self.attn_dropout if self.training else 0.0
+        training = dropout_p > 0.0 or (torch.is_grad_enabled() and q_a.requires_grad)
+        run = attention if training and a.device.type == "cpu" else F.scaled_dot_product_attention
+        y_a = run(q_a, k_b, v_b, attn_mask=b_mask, dropout_p=dropout_p)  # (B, nh, T, hd)
+        y_b = run(q_b, k_a, v_a, attn_mask=a_mask, dropout_p=dropout_p)  # (B, nh, S, hd)
+        y = torch.cat([y_a.transpose(1, 2).reshape(batch * t, -1), y_b.transpose(1, 2).reshape(batch * s, -1)])
+        y = self.out(y)  # (B*T + B*S, D)
+        return y[:batch * t].view(batch, t, -1), y[batch * t:].view(batch, s, -1)
+
 
 class FeedForward(nn.Module):
     """Position-wise MLP: Linear -> activation -> Linear."""

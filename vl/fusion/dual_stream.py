@@ -59,10 +59,9 @@ class LxmertCrossLayer(nn.Module):
         ``text_positions`` (B, M) / ``region_positions`` (B, N): return only those rows of a stream, (B, M, D) /
         (B, N, D). The cross-attention still runs at every position: the self-attention's keys need them all.
         """
-        text_attended = self.cross_residual(
-            text, lambda h: self.cross_attention(h, regions, attn_mask=region_mask))  # (B, T, D)
-        regions_attended = self.cross_residual(
-            regions, lambda h: self.cross_attention(h, text, attn_mask=text_mask))  # (B, R, D)
+        text_cross, regions_cross = self.cross_attention.both_ways(text, text_mask, regions, region_mask)
+        text_attended = self.cross_residual(text, lambda _: text_cross)  # (B, T, D)
+        regions_attended = self.cross_residual(regions, lambda _: regions_cross)  # (B, R, D)
         return (self.text_layer(text_attended, text_mask, positions=text_positions),
                 self.vision_layer(regions_attended, region_mask, positions=region_positions))
 

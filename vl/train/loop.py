@@ -195,6 +195,29 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps, fused=fused or None)
 
 
+def clipped_step(optimizer: torch.optim.Optimizer, params: list[nn.Parameter], max_norm: float,
+                 in_kernel: bool = True) -> torch.Tensor:
+    """Clip the gradients' global norm to ``max_norm`` (as ``clip_grad_norm_``) and step; returns the norm before.
+
+    With ``in_kernel`` and a fused Adam/AdamW, the clipping factor min(1, max_norm / (norm + 1e-6)) is applied by the
+    optimizer's kernel as it reads each gradient (its ``grad_scale``, which divides the gradients; the one that
+    ``GradScaler`` sets), instead of a separate pass that multiplies every gradient first. Else ``clip_grad_norm_``
+    then ``step()``.
+    """
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps it
+    if not (in_kernel and isinstance(inner, torch.optim.Adam) and inner.defaults.get("fused")):
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        optimizer.step()
+        return norm
+    norm = torch.nn.utils.get_total_norm([param.grad for param in params if param.grad is not None])
+    inner.grad_scale = ((norm + 1e-6) / max_norm).clamp(min=1.0).float()
+    try:
+        optimizer.step()
+    finally:
+        del inner.grad_scale
+    return norm
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Checkpoints
 
@@ -502,6 +525,12 @@ def train(
         model.compile()  # compiled on the first batch, and again when batch shapes change
     prepared_model, optimizer = accelerator.prepare(model, optimizer)
     raw_model = accelerator.unwrap_model(prepared_model)
+    # Clipping inside the fused AdamW kernel needs the gradients as they are: not under fp16 loss scaling (accelerate
+    # unscales them in its clip_grad_norm_) nor sharded (FSDP, DeepSpeed).
+    from accelerate.utils import DistributedType
+
+    kernel_clipping = accelerator.scaler is None and accelerator.distributed_type in (
+        DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU)
 
     metrics_path = run_dir / METRICS_FILE
     start_step = 0
@@ -646,10 +675,14 @@ def train(
                 nonfinite_skipped += 1
             else:
                 nonfinite_in_a_row = 0
-                if cfg.clip_grad_norm > 0:
+                if cfg.clip_grad_norm > 0 and kernel_clipping:
+                    grad_norms.append(clipped_step(optimizer, trainable, cfg.clip_grad_norm).detach())
+                elif cfg.clip_grad_norm > 0:
                     grad_norms.append(torch.as_tensor(
                         accelerator.clip_grad_norm_(trainable, cfg.clip_grad_norm)).detach())
-                optimizer.step()
+                    optimizer.step()
+                else:
+                    optimizer.step()
                 if not accelerator.optimizer_step_was_skipped:
                     scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
