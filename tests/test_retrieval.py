@@ -13,6 +13,7 @@ from vl.cli import main
 from vl.data.world_features import write_world_features
 from vl.fusion.pretraining import build_pretraining_model, load_model_configs
 from vl.tasks.retrieval import (
+    PAIR_SCORES,
     RetrievalConfig,
     RetrievalIndex,
     RetrievalModel,
@@ -140,7 +141,7 @@ def test_single_modality_encodings_depend_on_their_modality_only(name):
     torch.testing.assert_close(texts.norm(dim=1), torch.ones(3))
 
 
-@pytest.mark.parametrize("source", ["itm", "contrastive"])
+@pytest.mark.parametrize("source", ["itm", "contrastive", "sampled"])
 @pytest.mark.parametrize("name", ["uniter", "lxmert"])
 def test_training_losses_are_finite_and_reach_every_part(name, source):
     cfg, _ = load_model_configs(CONFIGS / f"{name}-tiny.yaml")
@@ -197,6 +198,23 @@ def test_two_stage_with_k_equal_n_matches_full_itm(world, retrieval_run):
     served = index.search(split.texts[0], top=5, k=len(split.image_ids))
     torch.testing.assert_close(torch.tensor([item["score"] for item in served]), scores[0].topk(5).values,
                                atol=1e-4, rtol=0)
+
+
+def test_pair_scores_add_the_first_stage_as_configured(world, retrieval_run):
+    run, store = retrieval_run
+    model, config, tokenizer = load_retrieval_run(run)
+    split = load_split(world.karpathy, "test", open_store(store))
+    texts, images = torch.arange(4), torch.tensor([0, 1, 0, 2])
+    scores = {}
+    for pair_score in PAIR_SCORES:
+        index = RetrievalIndex(model, tokenizer, split, open_store(store), config.retrieval, batch_size=64,
+                               progress=False, pair_score=pair_score)
+        scores[pair_score] = index.score_pairs(texts, images)
+    cosine = (index.text_emb[texts] * index.image_emb[images]).sum(dim=1)
+    scale = float(model.contrastive.logit_scale)
+    assert scale > 2  # 1 / temperature: the contrastive logit weighs more than the bare cosine
+    torch.testing.assert_close(scores["itm+similarity"], scores["itm"] + cosine)
+    torch.testing.assert_close(scores["itm+contrastive"], scores["itm"] + cosine * scale)
 
 
 def test_finetune_and_evaluate_end_to_end(world, retrieval_run, tmp_path, capsys):

@@ -8,6 +8,7 @@ the tiny single-stream (UNITER) and dual-stream (LXMERT) configs.
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 
 import pytest
@@ -31,7 +32,8 @@ from vl.errors import UserError
 from vl.fusion import build_fusion, load_fusion_config
 from vl.fusion.pretraining import HeadsConfig, VLPretrainingModel
 from vl.objectives import OBJECTIVE_REGISTRY, ObjectiveConfig, build_objective, build_objectives, weighted_loss
-from vl.objectives.itm import hardest_wrong_pairs, match_scores, mine_hard_negatives, pair_batch, score_all_pairs
+from vl.objectives.itm import (hardest_wrong_pairs, match_scores, mine_hard_negatives, pair_batch, sampled_wrong_pairs,
+                              score_all_pairs)
 from vl.objectives.wra import WordRegionAlignment, cosine_cost, ipot_plan, ot_distance
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
@@ -555,3 +557,21 @@ def test_hardest_wrong_pairs_per_image_and_excluding_same_image_pairs():
     assert hardest_wrong_pairs(scores, 3, "text", same_image).tolist()[3:5] == [[1, 3], [1, 0]]
     with pytest.raises(UserError, match="B - 1"):
         hardest_wrong_pairs(scores, 4)
+
+
+def test_sampled_wrong_pairs_follow_the_softmax_and_never_pick_a_matched_pair():
+    torch.manual_seed(0)
+    same_image = torch.tensor([0, 1, 1, 2])  # captions 1 and 2 describe the same image
+    logits = torch.tensor([[0.0, 0.0, math.log(3.0), -1e4],  # caption 0: images 1 and 2 at 1:3, image 3 never
+                           [0.0, 0.0, 0.0, 0.0],
+                           [0.0, 0.0, 0.0, 0.0],
+                           [0.0, 0.0, 0.0, 0.0]])
+    counts = torch.zeros(4)
+    for _ in range(2000):
+        pairs = sampled_wrong_pairs(logits, 1, "text", same_image)
+        assert len(pairs) == 4 and all(same_image[c] != same_image[i] for c, i in pairs.tolist())
+        counts[pairs[0, 1]] += 1
+    assert counts[0] == 0 and counts[3] == 0  # the matched image, and one with probability ~0
+    assert abs(counts[2] / 2000 - 0.75) < 0.04
+    both = sampled_wrong_pairs(logits, 2, "regions", same_image)  # each image: 2 distinct wrong captions
+    assert len(both) == 8 and len({tuple(row) for row in both.tolist()}) == 8

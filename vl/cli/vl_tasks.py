@@ -156,9 +156,9 @@ def add_evaluate_parsers(tasks: argparse._SubParsersAction) -> None:
     parser.add_argument("--k", type=int, metavar="K", help="first-stage candidates re-ranked (default: the run's "
                                                            "retrieval.rerank_k)")
     parser.add_argument("--full", action="store_true", help="also score every pair (O(N^2) forward passes)")
-    parser.add_argument("--score", choices=("itm", "itm+similarity"),
-                        help="pair score that re-ranks: ITM, or ITM + first-stage cosine (default: the run's "
-                             "retrieval.pair_score)")
+    parser.add_argument("--score", choices=("itm", "itm+similarity", "itm+contrastive"),
+                        help="pair score that re-ranks: ITM, ITM + first-stage cosine, or ITM + the contrastive "
+                             "logit (cosine / temperature) (default: the run's retrieval.pair_score)")
     parser.add_argument("--top", type=int, default=10, metavar="N", help="ranked ids per query in RANKINGS.json "
                                                                          "(default 10)")
     parser.add_argument("--max-images", type=int, metavar="N", help="evaluate only the split's first N images")

@@ -130,6 +130,17 @@ def hardest_wrong_pairs(scores: torch.Tensor, k: int, anchor: str = "text",
     return torch.stack([partners, anchors], dim=1)
 
 
+def sampled_wrong_pairs(logits: torch.Tensor, k: int, anchor: str = "text",
+                        image_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """k wrong pairs per anchor drawn without replacement, each with probability softmax(``logits``) over the
+    anchor's wrong partners (ALBEF's negatives); the rows and rules of ``hardest_wrong_pairs``.
+
+    Drawn as the k largest of ``logits`` + Gumbel noise (the Gumbel-top-k trick), from torch's global generator.
+    """
+    uniform = torch.rand(logits.shape, device=logits.device).clamp_(min=1e-20)
+    return hardest_wrong_pairs(logits.float() - torch.log(-torch.log(uniform)), k, anchor, image_ids)
+
+
 def mine_hard_negatives(model: Callable[[dict[str, torch.Tensor]], VLOutput], itm_head: nn.Module,
                         batch: dict[str, torch.Tensor], k: int, anchor: str = "text",
                         chunk_size: int = 256) -> dict[str, torch.Tensor]:

@@ -19,16 +19,19 @@ similarities with a learned temperature (CLIP / ALBEF); ``itm``: UNITER's hard-n
 scores every wrong (caption, image) pair of the batch without gradients; for each caption and for each image its
 ``hard_negatives`` highest-scoring wrong partners are kept, and the loss is the softmax cross-entropy of the matched
 pair's ITM score against theirs (one group per anchor). A binary loss over 1 positive and 2k hard negatives tends to
-collapse to "never matched"; the ranking form cannot. ``hard_negative_source: contrastive`` mines with the
-first-stage similarities instead (ALBEF), which costs no extra forward passes; ``hard_negatives: 0`` ranks each
-caption's image against one random wrong image.
+collapse to "never matched"; the ranking form cannot. ``hard_negative_source: contrastive`` takes the hardest by
+first-stage similarity instead, which costs no extra forward passes; ``sampled`` draws them with probability
+softmax(similarity / temperature) over the wrong partners, as ALBEF does: near-random while the embeddings are
+untrained, harder as they learn, and a near-duplicate caption is not always the one drawn. ``hard_negatives: 0``
+ranks each caption's image against one random wrong image.
 
 **Evaluation** (``vl evaluate retrieval``, ``RetrievalIndex``): the split's captions and images are embedded once
 (first stage, O(N) passes); for each caption the top ``k`` images by cosine similarity, and for each image the top
 ``k`` captions, are re-ranked by the pair score of the full model (O(N k) pair passes instead of O(N^2)). The pair
-score (``pair_score``) is the ITM score (logit matched - logit mismatched), or by default that plus the pair's
-first-stage cosine similarity, as BLIP re-ranks: a well-trained ITM head dominates it, and a weak one cannot undo a
-good first stage. ``--full`` gives every pair the same score instead. Recall@K (``recall_at_k``): text->image counts
+score (``pair_score``) is the ITM score (logit matched - logit mismatched); by default that plus the pair's
+first-stage cosine similarity, as BLIP re-ranks, so that a well-trained ITM head dominates it; or
+``itm+contrastive``, that plus the contrastive logit (cosine / temperature): two log-odds added, so that the ITM
+head moves a pair only as far as it is confident, and a weak one cannot undo a good first stage. ``--full`` gives every pair the same score instead. Recall@K (``recall_at_k``): text->image counts
 a caption as found when its image is in the top K; image->text counts an image as found when any of its captions is
 in the top K.
 
@@ -60,7 +63,7 @@ from vl.errors import UserError
 from vl.fusion import build_fusion
 from vl.fusion.base import FusionConfig, VLOutput
 from vl.fusion.pretraining import HeadsConfig, VLHeads
-from vl.objectives.itm import hardest_wrong_pairs, match_scores, pair_batch, score_all_pairs
+from vl.objectives.itm import hardest_wrong_pairs, match_scores, pair_batch, sampled_wrong_pairs, score_all_pairs
 from vl.tasks.vl_finetune import (
     SCRATCH,
     check_store,
@@ -80,8 +83,8 @@ from vl.text.tokenizer import Tokenizer
 from vl.train.loop import TrainConfig, TrainResult, seed_everything, train
 
 TASK_NAME = "retrieval"
-PairScore = Literal["itm", "itm+similarity"]
-PAIR_SCORES = ("itm", "itm+similarity")
+PairScore = Literal["itm", "itm+similarity", "itm+contrastive"]
+PAIR_SCORES = ("itm", "itm+similarity", "itm+contrastive")
 VAL_METRICS_FILE = "val_metrics.json"
 RECALL_KS = (1, 5, 10)
 TEXT_KEYS = ("input_ids", "attention_mask", "token_type_ids")
@@ -99,7 +102,8 @@ class RetrievalConfig:
     itm_weight: float = 1.0
     contrastive_weight: float = 1.0
     hard_negatives: int = 1  # mined mismatched pairs per caption and per image (0: one random negative each)
-    hard_negative_source: Literal["itm", "contrastive"] = "itm"  # UNITER (ITM-scored) or ALBEF (similarity)
+    # UNITER (the hardest by ITM score), the hardest by first-stage similarity, or ALBEF (drawn by similarity)
+    hard_negative_source: Literal["itm", "contrastive", "sampled"] = "itm"
     rerank_k: int = 20  # two-stage evaluation: first-stage candidates re-ranked by the pair score
     pair_score: PairScore = "itm+similarity"  # the re-ranking score: ITM, or ITM + first-stage cosine (BLIP)
     train_splits: tuple[str, ...] = ("train", "restval")  # Karpathy splits trained on
@@ -122,8 +126,9 @@ class RetrievalConfig:
             raise ValueError(f"hard_negatives must be >= 0, got {self.hard_negatives}")
         if self.pair_score not in PAIR_SCORES:
             raise ValueError(f"pair_score must be one of {', '.join(PAIR_SCORES)}, got {self.pair_score!r}")
-        if self.hard_negative_source not in ("itm", "contrastive"):
-            raise ValueError(f"hard_negative_source must be itm or contrastive, got {self.hard_negative_source!r}")
+        if self.hard_negative_source not in ("itm", "contrastive", "sampled"):
+            raise ValueError("hard_negative_source must be itm, contrastive or sampled, got "
+                             f"{self.hard_negative_source!r}")
         for split in (*self.train_splits, *([self.val_split] if self.val_split else [])):
             if split not in KARPATHY_SPLITS:
                 raise ValueError(f"unknown Karpathy split {split!r} (expected one of {', '.join(KARPATHY_SPLITS)})")
@@ -324,13 +329,17 @@ class RetrievalModel(nn.Module):
                 pairs = pairs[image_ids[pairs[:, 0]] != image_ids[pairs[:, 1]]]
             return [("text", pairs)] if len(pairs) else []
         k = min(self.rcfg.hard_negatives, size - 1)
-        if self.rcfg.hard_negative_source == "itm":
+        source = self.rcfg.hard_negative_source
+        if source == "itm":
             scores = score_all_pairs(self.fusion, self.heads.itm, inputs)  # (B, B), no gradients
         else:
             scores = (text_emb @ image_emb.t()).detach()
         groups = []
         for anchor in ("text", "regions"):
-            pairs = hardest_wrong_pairs(scores, k, anchor, image_ids)
+            if source == "sampled":  # ALBEF: drawn in proportion to softmax(similarity / temperature)
+                pairs = sampled_wrong_pairs(scores * self.contrastive.logit_scale.detach(), k, anchor, image_ids)
+            else:
+                pairs = hardest_wrong_pairs(scores, k, anchor, image_ids)
             if len(pairs):
                 groups.append((anchor, pairs))
         return groups
@@ -512,6 +521,7 @@ class RetrievalIndex:
         self.tokenizer = tokenizer
         self.split = split
         self.cfg = cfg
+        self.logit_scale = float(model.contrastive.logit_scale)  # 1 / the learned temperature
         self.batch_size = batch_size or cfg.eval_batch_size
         self.device = model_device(model)
         self.feature_dim = model.cfg.region.feature_dim
@@ -564,8 +574,14 @@ class RetrievalIndex:
             batch = {**self._texts(texts), **self._images(images)}
             scores.append(self.model.pair_scores(self._to_device(batch)).cpu())
         itm = torch.cat(scores) if scores else torch.zeros(0)
+        return self._with_similarity(itm, (self.text_emb[text_index] * self.image_emb[image_index]).sum(dim=1))
+
+    def _with_similarity(self, itm: torch.Tensor, similarity: torch.Tensor) -> torch.Tensor:
+        """The pair score from the ITM scores and the pairs' first-stage cosine similarities (both (P,))."""
         if self.pair_score == "itm+similarity":
-            itm = itm + (self.text_emb[text_index] * self.image_emb[image_index]).sum(dim=1)
+            return itm + similarity
+        if self.pair_score == "itm+contrastive":  # two log-odds: ITM's and the contrastive logit (cosine / temp)
+            return itm + similarity * self.logit_scale
         return itm
 
     def first_stage(self) -> torch.Tensor:
@@ -589,9 +605,7 @@ class RetrievalIndex:
         ids = encode_texts(self.tokenizer, [text], self.cfg.max_text_len)
         text_part = text_batch(ids * len(candidates[:k]), self.tokenizer.pad_id)
         batch = {**text_part, **self._images(candidates[:k])}
-        itm = self.model.pair_scores(self._to_device(batch)).cpu()
-        if self.pair_score == "itm+similarity":
-            itm = itm + similarity[candidates[:k]]
+        itm = self._with_similarity(self.model.pair_scores(self._to_device(batch)).cpu(), similarity[candidates[:k]])
         order = itm.argsort(descending=True, stable=True)
         ranked = [(int(candidates[i]), float(itm[i])) for i in order.tolist()]
         ranked += [(int(index), None) for index in candidates[k:].tolist()]
