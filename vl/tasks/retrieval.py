@@ -521,7 +521,7 @@ class RetrievalIndex:
         self.tokenizer = tokenizer
         self.split = split
         self.cfg = cfg
-        self.logit_scale = float(model.contrastive.logit_scale)  # 1 / the learned temperature
+        self.logit_scale = float(model.contrastive.logit_scale.detach())  # 1 / the learned temperature
         self.batch_size = batch_size or cfg.eval_batch_size
         self.device = model_device(model)
         self.feature_dim = model.cfg.region.feature_dim
