@@ -31,9 +31,9 @@ ranks each caption's image against one random wrong image.
 score (``pair_score``) is the ITM score (logit matched - logit mismatched); by default that plus the pair's
 first-stage cosine similarity, as BLIP re-ranks, so that a well-trained ITM head dominates it; or
 ``itm+contrastive``, that plus the contrastive logit (cosine / temperature): two log-odds added, so that the ITM
-head moves a pair only as far as it is confident, and a weak one cannot undo a good first stage. ``--full`` gives every pair the same score instead. Recall@K (``recall_at_k``): text->image counts
-a caption as found when its image is in the top K; image->text counts an image as found when any of its captions is
-in the top K.
+head moves a pair only as far as it is confident, and a weak one cannot undo a good first stage. ``--full`` gives
+every pair the same score instead. Recall@K (``recall_at_k``): text->image counts a caption as found when its image
+is in the top K; image->text counts an image as found when any of its captions is in the top K.
 
 A retrieval run directory holds ``config.yaml`` (``RetrievalRun``), ``model.safetensors`` (``fusion.*``,
 ``heads.itm.*``, ``contrastive.*``), ``vocab.txt`` + ``tokenizer_config.json``, ``val_metrics.json`` and what the
