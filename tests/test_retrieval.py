@@ -211,7 +211,7 @@ def test_pair_scores_add_the_first_stage_as_configured(world, retrieval_run):
                                progress=False, pair_score=pair_score)
         scores[pair_score] = index.score_pairs(texts, images)
     cosine = (index.text_emb[texts] * index.image_emb[images]).sum(dim=1)
-    scale = float(model.contrastive.logit_scale)
+    scale = float(model.contrastive.logit_scale.detach())
     assert scale > 2  # 1 / temperature: the contrastive logit weighs more than the bare cosine
     torch.testing.assert_close(scores["itm+similarity"], scores["itm"] + cosine)
     torch.testing.assert_close(scores["itm+contrastive"], scores["itm"] + cosine * scale)
