@@ -235,14 +235,18 @@ class Attention(nn.Module):
         q = self.query(x).view(batch, seq, self.num_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
         k = self.key(context).view(batch, -1, self.num_heads, self.head_dim).transpose(1, 2)  # (B, nh, S, hd)
         v = self.value(context).view(batch, -1, self.num_heads, self.head_dim).transpose(1, 2)  # (B, nh, S, hd)
+        return self.out(self._attend(q, k, v, attn_mask))
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None
+                ) -> torch.Tensor:
+        """q (B, nh, T, hd), k and v (B, nh, S, hd) -> the heads' outputs side by side, (B, T, nh*hd)."""
         dropout_p = self.attn_dropout if self.training else 0.0
         training = dropout_p > 0.0 or (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad))
         if training and q.device.type == "cpu":
             y = attention(q, k, v, attn_mask, dropout_p)  # (B, nh, T, hd)
         else:  # inference, and GPUs: SDPA's fused kernels
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)  # (B, nh, T, hd)
-        y = y.transpose(1, 2).reshape(batch, seq, self.num_heads * self.head_dim)  # (B, T, nh*hd)
-        return self.out(y)
+        return y.transpose(1, 2).reshape(q.shape[0], q.shape[2], self.num_heads * self.head_dim)  # (B, T, nh*hd)
 
     def both_ways(self, a: torch.Tensor, a_mask: torch.Tensor | None, b: torch.Tensor, b_mask: torch.Tensor | None
                   ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -261,13 +265,9 @@ class Attention(nn.Module):
                     x[batch * t:].view(batch, s, self.num_heads, self.head_dim).transpose(1, 2))
 
         (q_a, q_b), (k_a, k_b), (v_a, v_b) = heads(self.query(rows)), heads(self.key(rows)), heads(self.value(rows))
-        dropout_p = self.attn_dropout if self.training else 0.0
-        training = dropout_p > 0.0 or (torch.is_grad_enabled() and q_a.requires_grad)
-        run = attention if training and a.device.type == "cpu" else F.scaled_dot_product_attention
-        y_a = run(q_a, k_b, v_b, attn_mask=b_mask, dropout_p=dropout_p)  # (B, nh, T, hd)
-        y_b = run(q_b, k_a, v_a, attn_mask=a_mask, dropout_p=dropout_p)  # (B, nh, S, hd)
-        y = torch.cat([y_a.transpose(1, 2).reshape(batch * t, -1), y_b.transpose(1, 2).reshape(batch * s, -1)])
-        y = self.out(y)  # (B*T + B*S, D)
+        y_a = self._attend(q_a, k_b, v_b, b_mask)  # (B, T, nh*hd)
+        y_b = self._attend(q_b, k_a, v_a, a_mask)  # (B, S, nh*hd)
+        y = self.out(torch.cat([y_a.reshape(batch * t, -1), y_b.reshape(batch * s, -1)]))  # (B*T + B*S, D)
         return y[:batch * t].view(batch, t, -1), y[batch * t:].view(batch, s, -1)
 
 
