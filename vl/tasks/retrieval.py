@@ -85,6 +85,9 @@ from vl.train.loop import TrainConfig, TrainResult, seed_everything, train
 TASK_NAME = "retrieval"
 PairScore = Literal["itm", "itm+similarity", "itm+contrastive"]
 PAIR_SCORES = ("itm", "itm+similarity", "itm+contrastive")
+# UNITER (the hardest by ITM score), the hardest by first-stage similarity, or ALBEF (drawn by similarity)
+NegativeSource = Literal["itm", "contrastive", "sampled"]
+NEGATIVE_SOURCES = ("itm", "contrastive", "sampled")
 VAL_METRICS_FILE = "val_metrics.json"
 RECALL_KS = (1, 5, 10)
 TEXT_KEYS = ("input_ids", "attention_mask", "token_type_ids")
@@ -102,8 +105,7 @@ class RetrievalConfig:
     itm_weight: float = 1.0
     contrastive_weight: float = 1.0
     hard_negatives: int = 1  # mined mismatched pairs per caption and per image (0: one random negative each)
-    # UNITER (the hardest by ITM score), the hardest by first-stage similarity, or ALBEF (drawn by similarity)
-    hard_negative_source: Literal["itm", "contrastive", "sampled"] = "itm"
+    hard_negative_source: NegativeSource = "itm"  # see NEGATIVE_SOURCES
     rerank_k: int = 20  # two-stage evaluation: first-stage candidates re-ranked by the pair score
     pair_score: PairScore = "itm+similarity"  # the re-ranking score: ITM, or ITM + first-stage cosine (BLIP)
     train_splits: tuple[str, ...] = ("train", "restval")  # Karpathy splits trained on
@@ -126,8 +128,8 @@ class RetrievalConfig:
             raise ValueError(f"hard_negatives must be >= 0, got {self.hard_negatives}")
         if self.pair_score not in PAIR_SCORES:
             raise ValueError(f"pair_score must be one of {', '.join(PAIR_SCORES)}, got {self.pair_score!r}")
-        if self.hard_negative_source not in ("itm", "contrastive", "sampled"):
-            raise ValueError("hard_negative_source must be itm, contrastive or sampled, got "
+        if self.hard_negative_source not in NEGATIVE_SOURCES:
+            raise ValueError(f"hard_negative_source must be one of {', '.join(NEGATIVE_SOURCES)}, got "
                              f"{self.hard_negative_source!r}")
         for split in (*self.train_splits, *([self.val_split] if self.val_split else [])):
             if split not in KARPATHY_SPLITS:

@@ -677,11 +677,10 @@ def train(
                 nonfinite_in_a_row = 0
                 if cfg.clip_grad_norm > 0 and kernel_clipping:
                     grad_norms.append(clipped_step(optimizer, trainable, cfg.clip_grad_norm).detach())
-                elif cfg.clip_grad_norm > 0:
-                    grad_norms.append(torch.as_tensor(
-                        accelerator.clip_grad_norm_(trainable, cfg.clip_grad_norm)).detach())
-                    optimizer.step()
                 else:
+                    if cfg.clip_grad_norm > 0:
+                        grad_norms.append(torch.as_tensor(
+                            accelerator.clip_grad_norm_(trainable, cfg.clip_grad_norm)).detach())
                     optimizer.step()
                 if not accelerator.optimizer_step_was_skipped:
                     scheduler.step()
