@@ -28,8 +28,8 @@ def test_quick_demo_writes_a_report(tmp_path):
     for heading in ("Detector", "VQA accuracy", "image-blind control", "retrieval", "Time per stage"):
         assert heading.lower() in report.lower()
     # the report says what was pretrained, as the run configs record it (quick: 4 steps)
-    assert "`pretrain-uniter-small.yaml` (width 128, 4 steps" in report
-    assert "`pretrain-lxmert-small.yaml` (width 128, 4 steps" in report
+    assert "`pretrain-uniter-small.yaml` (width 128, 3 layers, 4 steps" in report
+    assert "`pretrain-lxmert-small.yaml` (width 128, 2 language + 2 object + 2 cross-modality layers, 4 steps" in report
     if (os.cpu_count() or 1) >= 2:  # the later stages shared the machine, and the report says so
         assert "the later stages ran 2 at a time" in report
     assert (out / "report.html").read_text().startswith("<!doctype html>")

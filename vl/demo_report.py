@@ -203,7 +203,7 @@ def _with_blind(score: dict[str, Any], blind: dict[str, Any] | None, question_ty
 
 
 def pretraining_recipe(demo: Demo) -> str:
-    """What each pretrained model is: its config, architecture width, steps and batch, from the run's config.yaml."""
+    """What each pretrained model is: its config, width and layers, steps and batch, from the run's config.yaml."""
     from vl.config import read_yaml
 
     parts = []
@@ -211,7 +211,15 @@ def pretraining_recipe(demo: Demo) -> str:
                                 ("pretrain-dual", "dual-stream", demo.cfg.dual_stream_config)):
         saved = read_yaml(demo.run_dir(name) / "config.yaml")
         train, model = saved.get("train", {}), saved.get("model", {})
-        parts.append(f"{label} `{config}` (width {model.get('text', {}).get('hidden_size', '?')}, "
+        text = model.get("text", {})
+        layers = f"{text.get('num_layers', '?')} layers"
+        vision, cross = model.get("vision") or {}, model.get("cross") or {}
+        if vision and cross:  # dual-stream
+            coattention = cross.get("coattn_layers") or []  # ViLBERT: one block per listed pair
+            exchanges = cross.get("num_layers") if cross.get("kind") == "lxmert" else len(coattention)
+            layers = (f"{text.get('num_layers', '?')} language + {vision.get('num_layers', '?')} object + "
+                      f"{exchanges} cross-modality layers")
+        parts.append(f"{label} `{config}` (width {text.get('hidden_size', '?')}, {layers}, "
                      f"{train.get('steps', '?')} steps of {train.get('batch_size', '?')} captions)")
     return "Pretraining: " + "; ".join(parts) + "."
 
