@@ -260,15 +260,19 @@ class Attention(nn.Module):
         batch, t, s = a.shape[0], a.shape[1], b.shape[1]
         rows = torch.cat([a.reshape(batch * t, -1), b.reshape(batch * s, -1)])  # (B*T + B*S, D)
 
+        # ``split``, not slicing: the backward of a slice writes its gradient into a zero-filled tensor of the
+        # whole, and autograd then sums the two; that of ``split`` concatenates the parts once.
         def heads(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # (B*T + B*S, nh*hd) -> per sequence
-            return (x[:batch * t].view(batch, t, self.num_heads, self.head_dim).transpose(1, 2),
-                    x[batch * t:].view(batch, s, self.num_heads, self.head_dim).transpose(1, 2))
+            x_a, x_b = x.split([batch * t, batch * s])
+            return (x_a.view(batch, t, self.num_heads, self.head_dim).transpose(1, 2),
+                    x_b.view(batch, s, self.num_heads, self.head_dim).transpose(1, 2))
 
         (q_a, q_b), (k_a, k_b), (v_a, v_b) = heads(self.query(rows)), heads(self.key(rows)), heads(self.value(rows))
         y_a = self._attend(q_a, k_b, v_b, b_mask)  # (B, T, nh*hd)
         y_b = self._attend(q_b, k_a, v_a, a_mask)  # (B, S, nh*hd)
         y = self.out(torch.cat([y_a.reshape(batch * t, -1), y_b.reshape(batch * s, -1)]))  # (B*T + B*S, D)
-        return y[:batch * t].view(batch, t, -1), y[batch * t:].view(batch, s, -1)
+        y_a, y_b = y.split([batch * t, batch * s])
+        return y_a.view(batch, t, -1), y_b.view(batch, s, -1)
 
 
 class FeedForward(nn.Module):
