@@ -110,7 +110,9 @@ class SingleStreamModel(nn.Module):
             joint_rows = torch.cat([text_rows, region_rows.bool()], dim=1)  # (B, T + R)
         hidden = self.encoder(torch.cat([text_tokens, region_tokens], dim=1), key_padding_mask(joint_mask),
                               rows=joint_rows)  # (B, T + R, H)
-        text_hidden, region_hidden = hidden[:, :num_text], hidden[:, num_text:]  # (B, T, H), (B, R, H)
+        # (B, T, H), (B, R, H); ``split`` as in ``Attention.both_ways``: its backward concatenates the two gradients,
+        # where each slice's would zero-fill a (B, T + R, H) tensor to be summed
+        text_hidden, region_hidden = hidden.split([num_text, hidden.shape[1] - num_text], dim=1)
         restricted = rows if rows is not None else OutputRows()
         return VLOutput(
             text_hidden=text_hidden,
