@@ -14,6 +14,12 @@ matmul peak of the same precision. Only the FLOPs the objectives need count: tho
 runs the MLM and region heads at masked positions only and the last layer's queries, attention output and
 feed-forward only at the rows those heads and the pooler read (``torch.utils.flop_counter``; backward included).
 
+The fp32 floor (``fp32_floor``) is what the step cannot do without: the matrix products it runs, each timed alone
+on operands that stay in cache (recorded from one step with a dispatch mode, replayed interleaved with the steps),
+plus the clipping and optimizer step alone. ``hf_over_ours_floor`` is the most any implementation of our products
+could reach against Hugging Face's fp32 step; ``*_beyond_floor_s`` is what each step spends on everything else:
+LayerNorm, GELU, softmax, dropout, residual adds, copies, allocation, and products whose operands are not in cache.
+
 ``--compile`` adds ``ours_compiled_{fp32,bf16}``: the same step with ``nn.Module.compile()`` on our module (what
 ``train.compile: true`` does), timed after a warm-up that includes the compilation (``compile_s``).
 
@@ -32,6 +38,7 @@ Ends with one JSON line holding every figure.
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import gc
 import io
@@ -161,7 +168,8 @@ def time_training(step, warmup: int, steps: int) -> float:
 
 def time_interleaved(steps_by_name: dict, warmup: int, steps: int) -> dict[str, float]:
     """Median seconds per call of each step function, calling them in turn (after ``warmup`` calls of each), so that
-    a change of load on a shared machine affects all of them alike."""
+    a change of load on a shared machine affects all of them alike. A function that returns a float reports its own
+    seconds (``products_alone``)."""
     for step in steps_by_name.values():
         for _ in range(warmup):
             step()
@@ -169,8 +177,8 @@ def time_interleaved(steps_by_name: dict, warmup: int, steps: int) -> dict[str, 
     for _ in range(steps):
         for name, step in steps_by_name.items():
             start = time.perf_counter()
-            step()
-            times[name].append(time.perf_counter() - start)
+            reported = step()
+            times[name].append(reported if isinstance(reported, float) else time.perf_counter() - start)
     return {name: statistics.median(values) for name, values in times.items()}
 
 
@@ -189,6 +197,62 @@ def make_step(model, loss_fn, precision: str, kernel_clipping: bool):
         optimizer.zero_grad(set_to_none=True)
 
     return step, optimizer
+
+
+def recorded_products(step) -> collections.Counter:
+    """The matrix products one call of ``step`` runs: (op, operands' shapes, strides and dtypes) -> count."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    products: collections.Counter = collections.Counter()
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.overloadpacket.__name__
+            if name in ("mm", "addmm", "bmm"):
+                operands = tuple((tuple(a.shape), tuple(a.stride()), a.dtype) for a in args
+                                 if isinstance(a, torch.Tensor))
+                products[(name, operands)] += 1
+            return func(*args, **(kwargs or {}))
+
+    with Record():
+        step()
+    return products
+
+
+def products_alone(products: collections.Counter, repeats: int = 3):
+    """A function that runs the recorded products alone and returns their seconds: each product on operands of its
+    shapes and strides, which stay in cache, the fastest of ``repeats`` calls times its count. No other work."""
+    operands = {key: [torch.empty_strided(shape, stride, dtype=dtype).normal_() for shape, stride, dtype in key[1]]
+                for key in products}
+
+    def run() -> float:
+        total = 0.0
+        for key, count in products.items():
+            product, tensors = getattr(torch, key[0]), operands[key]
+            product(*tensors)
+            fastest = float("inf")
+            for _ in range(repeats):
+                start = time.perf_counter()
+                product(*tensors)
+                fastest = min(fastest, time.perf_counter() - start)
+            total += count * fastest
+        return total
+
+    return run
+
+
+def optimizer_alone(model, loss_fn, optimizer, kernel_clipping: bool, repeats: int = 3) -> float:
+    """Seconds of the clipping and optimizer step alone (the fastest of ``repeats``), on the gradients of one
+    backward."""
+    params = list(model.parameters())
+    loss_fn().backward()
+    fastest = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        clipped_step(optimizer, params, 1.0, in_kernel=kernel_clipping)
+        fastest = min(fastest, time.perf_counter() - start)
+    optimizer.zero_grad(set_to_none=True)
+    return fastest
 
 
 def needed_flops(module, batch) -> float:
@@ -214,7 +278,11 @@ def bench_arch(arch: str, warmup: int, steps: int, peaks: dict[str, float], comp
     for precision in ("fp32", "bf16"):  # ours and Hugging Face's steps alternate
         ours_step, ours_optimizer = make_step(module, lambda m=module: sum(m(batch).values()), precision, True)
         hf_step, hf_optimizer = make_step(hf_model, lambda m=hf_model: hf_loss(arch, m, inputs), precision, False)
-        seconds = time_interleaved({"ours": ours_step, "hf": hf_step}, warmup, steps)
+        timed = {"ours": ours_step, "hf": hf_step}
+        if precision == "fp32":  # the floor: the products alone, interleaved with the steps
+            timed["ours_products"] = products_alone(recorded_products(ours_step))
+            timed["hf_products"] = products_alone(recorded_products(hf_step))
+        seconds = time_interleaved(timed, warmup, steps)
         result[f"ours_{precision}"] = {"samples_per_s": round(BATCH / seconds["ours"], 2),
                                        "step_s": round(seconds["ours"], 3),
                                        "tflops": round(flops / seconds["ours"] / 1e12, 4),
@@ -224,6 +292,20 @@ def bench_arch(arch: str, warmup: int, steps: int, peaks: dict[str, float], comp
                                      "useful_tflops": round(flops / seconds["hf"] / 1e12, 4)}
         print(f"{arch} ours {precision}: {result[f'ours_{precision}']}", file=sys.stderr)
         print(f"{arch} hf {precision}: {result[f'hf_{precision}']}", file=sys.stderr)
+        if precision == "fp32":
+            result["fp32_floor"] = floor = {
+                "ours_products_alone_s": round(seconds["ours_products"], 3),
+                "ours_optimizer_alone_s": round(optimizer_alone(
+                    module, lambda m=module: sum(m(batch).values()), ours_optimizer, True), 3),
+                "hf_products_alone_s": round(seconds["hf_products"], 3),
+                "hf_optimizer_alone_s": round(optimizer_alone(
+                    hf_model, lambda m=hf_model: hf_loss(arch, m, inputs), hf_optimizer, False), 3)}
+            floor["ours_floor_s"] = round(floor["ours_products_alone_s"] + floor["ours_optimizer_alone_s"], 3)
+            floor["ours_beyond_floor_s"] = round(seconds["ours"] - floor["ours_floor_s"], 3)
+            floor["hf_beyond_floor_s"] = round(
+                seconds["hf"] - floor["hf_products_alone_s"] - floor["hf_optimizer_alone_s"], 3)
+            floor["hf_over_ours_floor"] = round(seconds["hf"] / floor["ours_floor_s"], 2)
+            print(f"{arch} fp32 floor (products and optimizer alone): {floor}", file=sys.stderr)
         del ours_step, ours_optimizer, hf_step, hf_optimizer
         gc.collect()
     del hf_model
