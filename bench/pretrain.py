@@ -275,9 +275,16 @@ def bench_arch(arch: str, warmup: int, steps: int, peaks: dict[str, float], comp
                     "params_M": round(sum(p.numel() for p in module.parameters()) / 1e6, 1)}
     hf_model = build_hf(arch, model_cfg, heads)
     inputs = hf_inputs(arch, batch)
+
+    def ours_loss(model=module) -> torch.Tensor:
+        return sum(model(batch).values())
+
+    def hf_model_loss(model=hf_model) -> torch.Tensor:
+        return hf_loss(arch, model, inputs)
+
     for precision in ("fp32", "bf16"):  # ours and Hugging Face's steps alternate
-        ours_step, ours_optimizer = make_step(module, lambda m=module: sum(m(batch).values()), precision, True)
-        hf_step, hf_optimizer = make_step(hf_model, lambda m=hf_model: hf_loss(arch, m, inputs), precision, False)
+        ours_step, ours_optimizer = make_step(module, ours_loss, precision, True)
+        hf_step, hf_optimizer = make_step(hf_model, hf_model_loss, precision, False)
         timed = {"ours": ours_step, "hf": hf_step}
         if precision == "fp32":  # the floor: the products alone, interleaved with the steps
             timed["ours_products"] = products_alone(recorded_products(ours_step))
@@ -295,11 +302,9 @@ def bench_arch(arch: str, warmup: int, steps: int, peaks: dict[str, float], comp
         if precision == "fp32":
             result["fp32_floor"] = floor = {
                 "ours_products_alone_s": round(seconds["ours_products"], 3),
-                "ours_optimizer_alone_s": round(optimizer_alone(
-                    module, lambda m=module: sum(m(batch).values()), ours_optimizer, True), 3),
+                "ours_optimizer_alone_s": round(optimizer_alone(module, ours_loss, ours_optimizer, True), 3),
                 "hf_products_alone_s": round(seconds["hf_products"], 3),
-                "hf_optimizer_alone_s": round(optimizer_alone(
-                    hf_model, lambda m=hf_model: hf_loss(arch, m, inputs), hf_optimizer, False), 3)}
+                "hf_optimizer_alone_s": round(optimizer_alone(hf_model, hf_model_loss, hf_optimizer, False), 3)}
             floor["ours_floor_s"] = round(floor["ours_products_alone_s"] + floor["ours_optimizer_alone_s"], 3)
             floor["ours_beyond_floor_s"] = round(seconds["ours"] - floor["ours_floor_s"], 3)
             floor["hf_beyond_floor_s"] = round(
@@ -308,12 +313,12 @@ def bench_arch(arch: str, warmup: int, steps: int, peaks: dict[str, float], comp
             print(f"{arch} fp32 floor (products and optimizer alone): {floor}", file=sys.stderr)
         del ours_step, ours_optimizer, hf_step, hf_optimizer
         gc.collect()
-    del hf_model
+    del hf_model, hf_model_loss
     gc.collect()
     if compile_ours:
         module.compile()
         for precision in ("fp32", "bf16"):
-            step, optimizer = make_step(module, lambda m=module: sum(m(batch).values()), precision, True)
+            step, optimizer = make_step(module, ours_loss, precision, True)
             start = time.perf_counter()
             step()  # compiles
             compile_s = time.perf_counter() - start
@@ -325,7 +330,7 @@ def bench_arch(arch: str, warmup: int, steps: int, peaks: dict[str, float], comp
             print(f"{arch} ours compiled {precision}: {result[f'ours_compiled_{precision}']}", file=sys.stderr)
             del step, optimizer
             gc.collect()
-    del module
+    del module, ours_loss
     gc.collect()
     hf_fp32 = result["hf_fp32"]["samples_per_s"]
     result["ours_fp32_vs_hf_fp32"] = round(result["ours_fp32"]["samples_per_s"] / hf_fp32, 2)
