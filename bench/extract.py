@@ -34,7 +34,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from region_features.detector import BoxSelection, RegionDetector  # noqa: E402
-from region_features.extract import _extract_batch, bf16_supported  # noqa: E402
+from region_features.extract import _extract_batch  # noqa: E402
+from vl.precision import bf16_native, resolve_precision  # noqa: E402
 from region_features.images import ProblemLog  # noqa: E402
 from region_features.train import DetectorRunConfig  # noqa: E402
 from vl.config import load_config  # noqa: E402
@@ -123,7 +124,7 @@ def main(argv: list[str] | None = None) -> dict:
     detector_cfg = dataclasses.replace(cfg.detector, num_classes=90, num_attributes=0, min_size=args.size,
                                        max_size=max_size)
     ours = RegionDetector(detector_cfg).eval().use_channels_last()
-    precision = ("bf16" if bf16_supported() else "fp32") if args.precision == "auto" else args.precision
+    precision = resolve_precision(args.precision, "cpu", what="--precision")
     selection = BoxSelection(num_boxes=args.num_boxes)
     problems = ProblemLog()
 
@@ -143,7 +144,7 @@ def main(argv: list[str] | None = None) -> dict:
     stock_flops = sum(count_flops(run_stock, batch) for batch in batches)
     ours_flops = sum(count_flops(lambda s: run_ours(s, "fp32"), samples) for samples in sample_batches)
     peak_fp32 = matmul_peak(torch.float32)
-    peak_bf16 = matmul_peak(torch.bfloat16) if bf16_supported() else None
+    peak_bf16 = matmul_peak(torch.bfloat16) if bf16_native() else None
     ours_peak = peak_bf16 if precision == "bf16" and peak_bf16 else peak_fp32
     stock_ips = len(images) / stock_seconds
     ours_ips = len(images) / ours_seconds

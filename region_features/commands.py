@@ -8,10 +8,11 @@ import sys
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
+from vl.progress import progress_bar
 
 from vl.config import atomic_write_text
 from vl.errors import UserError
+from vl.precision import autocast, resolve_precision
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -89,7 +90,6 @@ def run_train(args: argparse.Namespace) -> int:
 
 def run_detect(args: argparse.Namespace) -> int:
     from region_features.coco import file_id_map, image_id_for, read_instances
-    from region_features.extract import autocast_context, resolve_precision
     from region_features.images import ProblemLog, list_images
     from region_features.pipeline import ImageFileDataset, batches_of, detection_results
     from region_features.train import load_detector
@@ -100,7 +100,7 @@ def run_detect(args: argparse.Namespace) -> int:
     if out.is_dir():
         raise UserError(f"--out {out} is a directory; give a file name such as dets.json")
     model, labels = load_detector(args.detector)
-    precision = resolve_precision(args.precision)
+    precision = resolve_precision(args.precision, "cpu", what="--precision")
     problems = ProblemLog()
     file_ids = file_id_map(read_instances(args.annotations, "--annotations file", require_categories=False)
                            if args.annotations else None)
@@ -114,10 +114,10 @@ def run_detect(args: argparse.Namespace) -> int:
         items.append((image_id, path))
     dataset = ImageFileDataset(items, model.cfg.min_size, model.cfg.max_size)
     results: list[dict] = []
-    with tqdm(total=len(items), desc="detect", unit="img", disable=None, file=sys.stderr) as bar:
+    with progress_bar(total=len(items), desc="detect", unit="img") as bar:
         for batch in batches_of(dataset, args.batch_size, args.workers, problems):
             if batch:
-                with torch.inference_mode(), autocast_context(precision):
+                with torch.inference_mode(), autocast(precision, "cpu"):
                     detections = model.detect_resized([sample["image"] for sample in batch])
                 results.extend(detection_results(batch, detections, labels))
             bar.update(len(batch))

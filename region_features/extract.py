@@ -1,9 +1,9 @@
 """Region feature extraction into a feature store: ``vl-regions extract``.
 
 For each image: K boxes (10-100 by score threshold after class-agnostic NMS, a fixed K, or exactly the given boxes),
-their pooled RoI features (fp16 in the store), the object class distribution with argmax and confidence, and the
-attribute argmax and confidence (see ``RegionDetector.extract_regions``). Boxes are stored in original image pixels
-with the image size, so normalised boxes are ``boxes / [w, h, w, h]``.
+their pooled RoI features (fp16 in the store), the object class distribution with argmax and confidence, and every
+attribute's probability with the argmax and its confidence (see ``RegionDetector.extract_regions``). Boxes are
+stored in original image pixels with the image size, so normalised boxes are ``boxes / [w, h, w, h]``.
 
 - Batched; images are decoded and resized in DataLoader worker processes.
 - Resumable: images whose id is already in the store are skipped before decoding.
@@ -15,7 +15,6 @@ with the image size, so normalised boxes are ``boxes / [w, h, w, h]``.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
 import time
@@ -24,7 +23,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from tqdm import tqdm
+from vl.progress import progress_bar
 
 from region_features.coco import file_id_map, image_id_for, read_instances
 from region_features.detector import BoxSelection, RegionDetector
@@ -33,8 +32,9 @@ from region_features.pipeline import DetectorLabels, ImageFileDataset, ShardImag
 from region_features.store import FeatureStoreWriter
 from region_features.train import load_detector
 from vl.errors import UserError
+from vl.precision import autocast, resolve_precision
 
-Precision = Literal["auto", "fp32", "bf16"]
+Precision = Literal["auto", "fp32", "bf16"]  # resolved by vl.precision: auto is bf16 where native
 
 
 @dataclass(frozen=True)
@@ -50,29 +50,6 @@ class ExtractSummary:
     @property
     def images_per_second(self) -> float:
         return self.extracted / self.seconds if self.seconds > 0 else 0.0
-
-
-def bf16_supported() -> bool:
-    """Whether this CPU runs bf16 matmuls/convolutions natively (AVX-512 bf16 or AMX)."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
-def resolve_precision(precision: Precision) -> Literal["fp32", "bf16"]:
-    if precision == "auto":
-        return "bf16" if bf16_supported() else "fp32"
-    if precision not in ("fp32", "bf16"):
-        raise UserError(f"--precision must be auto, fp32 or bf16, got {precision!r}")
-    return precision
-
-
-def autocast_context(precision: Literal["fp32", "bf16"]):
-    """bf16 autocast on CPU for the convolutions and matmuls, or nothing for fp32."""
-    if precision == "bf16":
-        return torch.autocast("cpu", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 class _Stored:
@@ -121,7 +98,7 @@ def extract_features(
         raise UserError("--batch-size must be >= 1 and --workers >= 0")
     problems = problems if problems is not None else ProblemLog()
     selection = selection if selection is not None else BoxSelection()
-    precision = resolve_precision(precision)
+    precision = resolve_precision(precision, "cpu", what="--precision")
     model, labels = load_detector(detector) if not isinstance(detector, tuple) else detector
     model.eval()
     if channels_last:
@@ -172,7 +149,7 @@ def extract_features(
             dataset = ShardImageDataset(expand_shards(shards), model.cfg.min_size, model.cfg.max_size,
                                         skip=_Stored(set(stored_before)))
             total = limit
-        bar = tqdm(total=total, desc="extract", unit="img", disable=None if progress is None else not progress,
+        bar = progress_bar(total=total, desc="extract", unit="img", show=progress,
                    dynamic_ncols=True, file=sys.stderr)
         try:
             for batch in batches_of(dataset, batch_size, num_workers, problems):
@@ -232,7 +209,7 @@ def _extract_batch(
     given = None
     if boxes_by_id is not None:
         given = [boxes_by_id[sample["image_id"]] * sample["scale"] for sample in batch]
-    with torch.inference_mode(), autocast_context(precision):
+    with torch.inference_mode(), autocast(precision, "cpu"):
         regions = model.extract_regions([sample["image"] for sample in batch], selection, given_boxes=given)
     records = []
     for sample, region in zip(batch, regions):
@@ -255,6 +232,7 @@ def _extract_batch(
             "object_probs": region["object_probs"].float().numpy().astype("float16"),
             "attr_ids": region["attr_ids"].numpy(),
             "attr_conf": region["attr_conf"].float().numpy(),
+            "attr_probs": region["attr_probs"].float().numpy().astype("float16"),
         })
     return records
 

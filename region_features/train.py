@@ -32,7 +32,7 @@ from typing import Literal
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
-from tqdm import tqdm
+from vl.progress import progress_bar
 
 from region_features.coco import CocoInstances, flip_permutation, read_instances
 from region_features.detector import BoxSelection, DetectorConfig, RegionDetector
@@ -48,6 +48,7 @@ from region_features.pipeline import (
 from vl.atomic import atomic_directory
 from vl.config import atomic_write_text, load_config, save_config, to_dict
 from vl.errors import UserError
+from vl.precision import autocast, resolve_precision
 from vl.train.schedule import lr_multiplier
 
 
@@ -72,7 +73,7 @@ class TrainConfig:
     eval_every: int = 0  # steps between validation runs; 0 = only at the end
     eval_batch_size: int = 8
     log_every: int = 10
-    precision: Literal["fp32", "bf16"] = "fp32"  # bf16 autocast for the forward pass (fast on AVX-512 bf16/AMX CPUs)
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # forward-pass autocast; auto: bf16 where native (vl.precision)
     channels_last: bool = True  # channels-last convolutions (faster on CPU)
     num_workers: int = 0  # DataLoader worker processes decoding images
     threads: int = 0  # torch CPU threads; 0 = torch's default
@@ -380,6 +381,7 @@ def train_detector(
 
     if tcfg.threads:
         torch.set_num_threads(tcfg.threads)
+    precision = resolve_precision(tcfg.precision, "cpu")
     torch.manual_seed(tcfg.seed)
     random.seed(tcfg.seed)
     model_cfg = cfg.detector if checkpoint is None else dataclasses.replace(cfg.detector, weights_path=None)
@@ -416,8 +418,7 @@ def train_detector(
     loader = DataLoader(dataset, batch_size=tcfg.batch_size, sampler=sampler, num_workers=tcfg.num_workers,
                         collate_fn=_collate, drop_last=True, generator=torch.Generator().manual_seed(tcfg.seed))
     metrics: dict = {}
-    bar = tqdm(total=tcfg.max_steps, initial=step, desc="train detector", disable=None if progress is None else
-               not progress, dynamic_ncols=True, file=sys.stderr)
+    bar = progress_bar(total=tcfg.max_steps, initial=step, desc="train detector", show=progress)
     last_checkpoint_step = step
     started = time.time()
     try:
@@ -441,7 +442,7 @@ def train_detector(
                 lr = tcfg.lr * lr_multiplier(step, tcfg.max_steps, tcfg.warmup_steps, tcfg.schedule)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
-                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=tcfg.precision == "bf16"):
+                with autocast(precision, "cpu"):
                     losses = model(images, targets)
                 losses = {name: value.float() for name, value in losses.items()}
                 weights = {"loss_attributes": tcfg.attribute_loss_weight}

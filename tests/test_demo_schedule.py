@@ -101,3 +101,31 @@ def test_a_failed_stage_keeps_the_work_of_the_others(demo, tmp_path):
 def test_a_stage_that_needs_a_later_one_is_an_error(demo, tmp_path):
     with pytest.raises(ValueError, match="'a' needs \\['b'\\]"):
         demo.run_stages([stage(tmp_path / "t", "a", ["b"]), stage(tmp_path / "t", "b")])
+
+
+# A stage that draws a progress bar the way every vl command does, then ends.
+BAR = ("import time; from vl.progress import progress_bar\n"
+       "bar = progress_bar(total=40, desc='train', mininterval=0)\n"
+       "for step in range(40):\n"
+       "    time.sleep(0.03); bar.update(1); bar.set_postfix(loss=f'{1 / (step + 1):.3f}')\n"
+       "bar.close()\n")
+
+
+def test_the_console_shows_each_running_stages_progress(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    demo = Demo(tmp_path / "demo", DemoConfig(parallel=1), progress_seconds=0.3)
+    demo.logs.mkdir(parents=True)
+    demo.run_stages([Stage("train", "train a model", lambda: [[sys.executable, "-c", BAR]])])
+    shown = [line for line in capsys.readouterr().out.splitlines() if line.startswith("    [1/1] train a model: ")]
+    assert shown, "no progress line on the console"
+    assert all("/40 [" in line and "loss=" in line for line in shown)  # step N of M, time, the loss
+    assert "|" not in shown[-1].split(": ", 1)[1]  # the bar's glyphs are left out
+
+
+def test_latest_progress_reads_the_last_bar_state():
+    from vl.progress import latest_progress
+
+    log = ("pretrain: resuming\n\rpretrain:  10%|#         | 100/1000 [00:10<01:30, 9.9it/s, loss=2.1]"
+           "\rpretrain:  20%|##        | 200/1000 [00:20<01:20, 9.9it/s, loss=1.5]")
+    assert latest_progress(log) == "pretrain: 20% 200/1000 [00:20<01:20, 9.9it/s, loss=1.5]"
+    assert latest_progress("no bar here\n") is None

@@ -42,6 +42,7 @@ from typing import Any
 
 from vl.config import atomic_write_text
 from vl.errors import UserError
+from vl.progress import PROGRESS_ENV, latest_progress
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -98,9 +99,10 @@ def _regions(*args: str) -> list[str]:
 
 
 class Demo:
-    def __init__(self, out: str | os.PathLike, cfg: DemoConfig):
+    def __init__(self, out: str | os.PathLike, cfg: DemoConfig, progress_seconds: float = 20.0):
         self.out = Path(out)
         self.cfg = cfg
+        self.progress_seconds = progress_seconds  # how often the console shows the running stages' progress
         self.world = self.out / "world"
         self.detector = self.out / "detector"
         self.features = self.out / "features"
@@ -108,6 +110,7 @@ class Demo:
         self.logs = self.out / "logs"
         self.state_path = self.out / "demo_state.json"
         self.timings: dict[str, float] = {}
+        self._stop_reporting = threading.Event()
 
     # paths ----------------------------------------------------------------------------------------------------
     def run_dir(self, name: str) -> Path:
@@ -317,6 +320,9 @@ class Demo:
         def startable(stage: Stage) -> bool:
             return all(need in done for need in stage.needs)
 
+        self._stop_reporting.clear()
+        reporter = threading.Thread(target=self._report_progress, args=(running, number), daemon=True)
+        reporter.start()
         try:
             while pending or running:
                 while pending and not failures:
@@ -325,7 +331,7 @@ class Demo:
                     if ready is None or exclusive or len(running) >= slots or (ready.alone and running):
                         break
                     pending.remove(ready)
-                    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TQDM_MININTERVAL": "5"}
+                    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TQDM_MININTERVAL": "5", PROGRESS_ENV: "1"}
                     if not ready.alone and slots > 1:
                         env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
                     thread = threading.Thread(target=work, args=(ready, env), daemon=True)
@@ -346,9 +352,25 @@ class Demo:
             for _, thread in running.values():  # the commands got the signal too: let them save and exit
                 thread.join()
             raise
+        finally:
+            self._stop_reporting.set()
+            reporter.join()
         if failures:
             raise failures[0]
         return {name: done[name] for name in names if name in done}
+
+    def _report_progress(self, running: dict[str, tuple[Stage, threading.Thread]], number: dict[str, str]) -> None:
+        """Every ``progress_seconds``, print the latest progress bar of each running stage (its log's last tqdm
+        state: step N of M, elapsed and left, the loss) until ``_stop_reporting`` is set."""
+        while not self._stop_reporting.wait(self.progress_seconds):
+            try:
+                names = list(running)
+            except RuntimeError:  # a stage started or ended while the names were read: next time
+                continue
+            for name in names:
+                state = latest_progress(_tail(self.logs / f"{name}.log"))
+                if state:
+                    print(f"    {number[name]}: {state}", flush=True)
 
     def slots(self) -> int:
         """How many stages run at a time after feature extraction (at most one per core)."""
@@ -373,6 +395,17 @@ class Demo:
     def machine(self) -> str:
         cpu = platform.processor() or platform.machine()
         return f"{os.cpu_count()} CPU cores ({cpu}), Python {platform.python_version()}"
+
+
+def _tail(path: Path, size: int = 4096) -> str:
+    """The last ``size`` bytes of a log file as text ("" when it does not exist yet)."""
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(0, os.SEEK_END)
+            handle.seek(max(0, handle.tell() - size))
+            return handle.read().decode("utf-8", errors="replace")
+    except OSError:
+        return ""
 
 
 def _jsonable(value: Any) -> Any:

@@ -18,7 +18,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from braceexpand import braceexpand
-from tqdm.auto import tqdm
+from vl.progress import progress_bar
 
 from vl.errors import UserError
 
@@ -118,7 +118,7 @@ def tokenize_documents(documents: Sequence[Document], tokenizer, batch_size: int
     """Word-piece ids per sentence (no special tokens); empty sentences are dropped, empty documents too."""
     flat = [sentence for document in documents for sentence in document]
     ids: list[list[int]] = []
-    for start in tqdm(range(0, len(flat), batch_size), desc="tokenize", disable=None if progress else True,
+    for start in progress_bar(range(0, len(flat), batch_size), desc="tokenize", show=None if progress else False,
                       leave=False):
         encodings = tokenizer.backend.encode_batch(flat[start:start + batch_size], add_special_tokens=False)
         ids.extend(list(encoding.ids) for encoding in encodings)

@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm import tqdm
+from vl.progress import progress_bar
 
 from vl.atomic import atomic_output, publish
 from vl.config import atomic_write_text
@@ -343,7 +343,8 @@ def generate_world(out: str | os.PathLike, cfg: WorldConfig, force: bool = False
     ann_id = caption_id = 0
     stats: dict[str, dict[str, int]] = {}
     start = time.perf_counter()
-    bar = tqdm(total=sum(counts.values()), desc="generate-world", unit="img", disable=None if progress else True)
+    bar = progress_bar(total=sum(counts.values()), desc="generate-world", unit="img",
+                       show=None if progress else False)
 
     def record(path: Path) -> None:
         files.append(path.relative_to(out).as_posix())

@@ -31,7 +31,7 @@ from typing import Any, Literal, Protocol
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
+from vl.progress import progress_bar
 
 from vl.checkpoints.io import load_into, load_state_file
 from vl.checkpoints.text_init import TextCheckpoint, init_from_checkpoint, load_text_checkpoint, weights_sha256
@@ -200,7 +200,7 @@ def run_model(model: TextTaskModel, task: TextTask, features: Sequence[Any], bat
     model.eval()
     outputs: list[torch.Tensor] = []
     with torch.no_grad():
-        for start in tqdm(range(0, len(features), batch_size), desc=desc, disable=None, leave=False):
+        for start in progress_bar(range(0, len(features), batch_size), desc=desc, leave=False):
             chunk = features[start:start + batch_size]
             batch = {key: value.to(device) for key, value in task.collate(chunk).items()}
             logits = model.outputs(batch).float().cpu()

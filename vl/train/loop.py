@@ -52,6 +52,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from vl.progress import progress_bar
+
 from vl.checkpoints.io import load_into, load_state_file, save_weights
 from vl.atomic import atomic_directory
 from vl.config import atomic_write_text, save_config
@@ -81,7 +83,7 @@ class TrainConfig:
     adam_eps: float = 1e-6
     clip_grad_norm: float = 1.0  # max global gradient norm; 0 disables clipping
     grad_accum_steps: int = 1  # micro-batches per optimizer step
-    precision: Literal["no", "bf16", "fp16"] = "no"  # autocast dtype; bf16 works on CPU too
+    precision: Literal["auto", "fp32", "bf16", "fp16", "no"] = "auto"  # auto: bf16 where native (vl.precision)
     cpu: bool = False  # force the CPU even when a GPU is present
     log_every: int = 10  # steps between metrics.jsonl rows and progress-bar updates
     eval_every: int = 0  # steps between evaluations (0: only at the end, when an evaluate callback is given)
@@ -458,8 +460,9 @@ def _agree(accelerator: Any, flags: list[bool]) -> list[bool]:
     return [bool(value > 0) for value in tensor.tolist()]
 
 
-def make_accelerator(precision: str = "no", cpu: bool = False) -> Any:
-    """An ``accelerate.Accelerator`` with these settings.
+def make_accelerator(precision: str = "auto", cpu: bool = False, **kwargs: Any) -> Any:
+    """An ``accelerate.Accelerator`` with these settings; ``precision`` is resolved by ``vl.precision`` for the
+    device the run trains on (``auto``: bf16 only where it is native). ``kwargs`` go to ``Accelerator``.
 
     accelerate keeps one global state per process and refuses a second Accelerator with other settings; in a
     single, non-distributed process (tests, notebooks, a script that pretrains in bf16 then fine-tunes in fp32)
@@ -468,11 +471,15 @@ def make_accelerator(precision: str = "no", cpu: bool = False) -> Any:
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, PartialState
 
+    from vl.precision import accelerate_mixed_precision, resolve_precision
+
+    device = "cuda" if torch.cuda.is_available() and not cpu else "cpu"
+    mixed = accelerate_mixed_precision(resolve_precision(precision, device))
     if AcceleratorState._shared_state and PartialState._shared_state and PartialState().num_processes == 1:
         state = AcceleratorState()
-        if state.mixed_precision != precision or (cpu and state.device.type != "cpu"):
+        if state.mixed_precision != mixed or (cpu and state.device.type != "cpu"):
             AcceleratorState._reset_state(reset_partial_state=True)
-    return Accelerator(mixed_precision=precision, cpu=cpu)
+    return Accelerator(mixed_precision=mixed, cpu=cpu, **kwargs)
 
 
 def train(
@@ -557,8 +564,8 @@ def train(
             next(batches)
 
     history: list[dict[str, float]] = []
-    progress = tqdm(total=cfg.steps, initial=start_step, desc=desc, dynamic_ncols=True,
-                    disable=None if accelerator.is_main_process else True)
+    progress = progress_bar(total=cfg.steps, initial=start_step, desc=desc,
+                            show=None if accelerator.is_main_process else False)
     sums: dict[str, list[torch.Tensor]] = {}
     grad_norms: list[torch.Tensor] = []
     samples, window_start, run_start = 0, time.perf_counter(), time.perf_counter()
