@@ -8,7 +8,8 @@ Formats (``docs/feature-store.md`` has the details):
     fields are base64 of raw little-endian buffers: objects_id int64 (K,), objects_conf float32 (K,), attrs_id int64
     (K,), attrs_conf float32 (K,), boxes float32 (K, 4) pixel x1y1x2y2, features float32 (K, D). Read and written as
     a stream (one line in memory). Lines that do not parse are warned about with their line number, counted and
-    skipped. Export writes the features as float32, as LXMERT's loader expects.
+    skipped. Export writes the features as float32, as LXMERT's loader expects. The format holds one attribute per
+    box (``attrs_id``, the most probable), so a store's attribute distributions (``attr_probs``) are not exported.
 
 ``npz-dir``
     A directory of ``ID.npz`` files, one per image. Import understands the common producers' keys:
@@ -17,11 +18,12 @@ Formats (``docs/feature-store.md`` has the details):
     normalised with image_h = image_w = 1); classes: ``object_probs`` (K, C) or ``soft_labels`` (K, C + 1,
     background first, dropped; rows renormalised when the background column is non-zero), ``objects_id`` /
     ``object_ids``, ``objects_conf`` / ``object_conf`` / ``conf``; attributes: ``attrs_id`` / ``attr_ids``,
-    ``attrs_conf`` / ``attr_conf``; id: ``image_id`` (0-d) or the file name. Missing class or attribute ids become
+    ``attrs_conf`` / ``attr_conf``, ``attr_probs`` (K, A); id: ``image_id`` (0-d) or the file name. Missing class or
+    attribute ids become
     -1 with confidence 0. Object arrays (pickles, e.g. bottom-up-attention.pytorch's ``info``) are never loaded.
     Export writes ``image_id, image_h, image_w, num_boxes, boxes, norm_bb`` (K, 6: x1, y1, x2, y2, w, h normalised,
     UNITER style), ``features`` (float16), ``objects_id, objects_conf, conf, attrs_id, attrs_conf`` and, when stored,
-    ``soft_labels`` (K, C + 1) with a zero background column.
+    ``soft_labels`` (K, C + 1) with a zero background column and ``attr_probs`` (K, A).
 
 Image ids on import follow the CLI rule: the trailing number of the id or file name (``COCO_val2014_000000000042``
 -> 42), else the string itself; ``--keep-ids`` keeps them verbatim as strings. Importing into an existing store skips
@@ -45,7 +47,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm import tqdm
+from vl.progress import progress_bar
 
 from region_features.images import ProblemLog, image_id_from_name
 from region_features.store import (
@@ -317,9 +319,7 @@ def import_lxmert_tsv(
 
     try:
         with open(tsv_path, "rb") as handle, _raised_csv_field_limit():
-            progress = tqdm(
-                total=os.fstat(handle.fileno()).st_size, unit="B", unit_scale=True, desc="import", disable=None
-            )
+            progress = progress_bar(total=os.fstat(handle.fileno()).st_size, unit="B", unit_scale=True, desc="import")
             for line_number, line in enumerate(handle, start=1):
                 progress.update(len(line))
                 text = line.rstrip(b"\r\n")
@@ -374,7 +374,7 @@ def export_lxmert_tsv(store: FeatureStore | str | os.PathLike, tsv_path: str | o
     try:
         with open(tmp, "w", encoding="utf-8", newline="") as handle:
             writer = csv.writer(handle, delimiter="\t", lineterminator="\n")
-            for image_id in tqdm(store.ids(), desc="export", unit="img", disable=None):
+            for image_id in progress_bar(store.ids(), desc="export", unit="img"):
                 record = store[image_id]
                 writer.writerow(
                     [
@@ -466,6 +466,8 @@ def record_from_npz(data: Mapping[str, np.ndarray], num_classes: int) -> tuple[d
     attr_conf = _first_key(data, ("attrs_conf", "attr_conf"))
     record["attr_ids"] = attr_ids if attr_ids is not None else np.full(num_boxes, -1, dtype=np.int64)
     record["attr_conf"] = attr_conf if attr_conf is not None else np.zeros(num_boxes, dtype=np.float32)
+    if "attr_probs" in data:  # every attribute's probability, as vl-regions extract stores it
+        record["attr_probs"] = np.asarray(data["attr_probs"], dtype=np.float32)
     return record, has_size
 
 
@@ -531,7 +533,7 @@ def import_npz_dir(
     writer = _LazyWriter(store_root, num_classes, num_attributes, meta, shard_bytes=shard_bytes)
     seen: set = set()
     try:
-        for path in tqdm(paths, desc="import", unit="file", disable=None):
+        for path in progress_bar(paths, desc="import", unit="file"):
             try:
                 with np.load(path, allow_pickle=False) as data:
                     image_id = _npz_image_id(data, path.stem, keep_ids)
@@ -563,7 +565,7 @@ def export_npz_dir(store: FeatureStore | str | os.PathLike, out_dir: str | os.Pa
     out_dir.mkdir(parents=True, exist_ok=True)
     used: set[str] = set()
     count = 0
-    for image_id in tqdm(store.ids(), desc="export", unit="img", disable=None):
+    for image_id in progress_bar(store.ids(), desc="export", unit="img"):
         record = store[image_id]
         name = _UNSAFE_NAME.sub("_", str(image_id)).lstrip(".") or "image"
         if name in used:
@@ -588,6 +590,8 @@ def export_npz_dir(store: FeatureStore | str | os.PathLike, out_dir: str | os.Pa
         if "object_probs" in record:
             probs = record["object_probs"]
             arrays["soft_labels"] = np.concatenate([np.zeros((len(probs), 1), dtype=probs.dtype), probs], axis=1)
+        if "attr_probs" in record:
+            arrays["attr_probs"] = record["attr_probs"]
         path = out_dir / f"{name}.npz"
         tmp = out_dir / f".{name}.npz.{os.getpid()}.tmp"
         try:

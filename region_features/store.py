@@ -1,15 +1,16 @@
 """A sharded, memory-mapped on-disk store of per-image region features.
 
-Format (version 1); the full specification with examples is in ``docs/feature-store.md``::
+Format (version 2; a version 1 store reads as one without attribute distributions); the full specification with
+examples is in ``docs/feature-store.md``::
 
-    STORE/store.json               header: {"format": "vl-region-store", "version": 1, "feature_dim": D,
+    STORE/store.json               header: {"format": "vl-region-store", "version": 2, "feature_dim": D,
                                    "num_classes": C, "num_attributes": A, "record_alignment": 64,
                                    "section_alignment": 16, "meta": {"class_names": [...], ...}}
     STORE/shard-00000.bin          raw records, one after another, each starting at a multiple of 64 bytes
-    STORE/shard-00000.idx.json     the shard's index: {"format": "vl-region-store-shard", "version": 1,
+    STORE/shard-00000.idx.json     the shard's index: {"format": "vl-region-store-shard", "version": 2,
                                    "data_file": "shard-00000.bin", "data_bytes": N, "image_ids": [...],
                                    "offsets": [...], "num_boxes": [...], "image_h": [...], "image_w": [...],
-                                   "has_object_probs": [0/1, ...]}
+                                   "has_object_probs": [0/1, ...], "has_attr_probs": [0/1, ...]}
     STORE/.lock                    held (flock) by the one writer
 
 A record of K boxes is these little-endian arrays in this order, each section starting at a multiple of 16 bytes
@@ -22,6 +23,7 @@ from the record start (zero padding in between):
     object_probs (K, C) float16   class distribution without background; only where has_object_probs is 1
     attr_ids     (K,)   int64     argmax attribute (0..A-1; -1 = none)
     attr_conf    (K,)   float32   its probability
+    attr_probs   (K, A) float16   every attribute's probability (multi-label); only where has_attr_probs is 1
 
 Only what an index lists exists: bytes of a data file past the index's ``data_bytes`` are ignored (an interrupted
 write), and a data file without an index holds nothing. The writer appends records to the data file and commits
@@ -66,7 +68,8 @@ ImageId = int | str
 
 FORMAT_NAME = "vl-region-store"
 SHARD_FORMAT_NAME = "vl-region-store-shard"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # version 1 has no attr_probs section and no has_attr_probs column
 HEADER_FILE = "store.json"
 LOCK_FILE = ".lock"
 RECORD_ALIGN = 64
@@ -78,7 +81,7 @@ _MASK64 = (1 << 64) - 1
 # Pages the kernel may map around a faulting page (fault_around_bytes); released together with the record.
 _FAULT_AROUND = 64 * 1024
 
-RECORD_KEYS = ("boxes", "features", "object_ids", "object_conf", "object_probs", "attr_ids", "attr_conf")
+RECORD_KEYS = ("boxes", "features", "object_ids", "object_conf", "object_probs", "attr_ids", "attr_conf", "attr_probs")
 _REQUIRED_KEYS = ("image_h", "image_w", "boxes", "features", "object_ids", "object_conf", "attr_ids", "attr_conf")
 # Keys a record read from a store carries; a writer accepts and checks them, so a read record can be re-added.
 _DERIVED_KEYS = ("image_id", "num_boxes", "normalized_boxes")
@@ -115,7 +118,8 @@ def _align(value: int, alignment: int) -> int:
     return (value + alignment - 1) // alignment * alignment
 
 
-def record_layout(num_boxes: int, feature_dim: int, num_classes: int, has_object_probs: bool) -> _Layout:
+def record_layout(num_boxes: int, feature_dim: int, num_classes: int, has_object_probs: bool,
+                  num_attributes: int = 0, has_attr_probs: bool = False) -> _Layout:
     """Byte layout of one record of ``num_boxes`` boxes (see the module docstring)."""
     k = num_boxes
     specs: list[tuple[str, str, tuple[int, ...]]] = [
@@ -127,6 +131,8 @@ def record_layout(num_boxes: int, feature_dim: int, num_classes: int, has_object
     if has_object_probs:
         specs.append(("object_probs", "<f2", (k, num_classes)))
     specs += [("attr_ids", "<i8", (k,)), ("attr_conf", "<f4", (k,))]
+    if has_attr_probs:
+        specs.append(("attr_probs", "<f2", (k, num_attributes)))
     sections, cursor, end = [], 0, 0
     for key, dtype_str, shape in specs:
         dtype = np.dtype(dtype_str)
@@ -324,8 +330,9 @@ def read_header(root: str | os.PathLike) -> dict:
         raise UserError(f"feature store {root}: cannot read {HEADER_FILE}: {err}") from err
     if not isinstance(header, dict) or header.get("format") != FORMAT_NAME:
         raise UserError(f"{path} is not a {FORMAT_NAME} header")
-    if header.get("version") != FORMAT_VERSION:
-        raise UserError(f"feature store {root} has format version {header.get('version')!r}; this reader knows 1")
+    if header.get("version") not in READABLE_VERSIONS:
+        raise UserError(f"feature store {root} has format version {header.get('version')!r}; this reader knows "
+                        f"{', '.join(map(str, READABLE_VERSIONS))}")
     for key in ("feature_dim", "num_classes", "num_attributes"):
         if not isinstance(header.get(key), int) or isinstance(header.get(key), bool) or header[key] < 0:
             raise UserError(f"{path}: {key} must be a non-negative integer")
@@ -334,7 +341,7 @@ def read_header(root: str | os.PathLike) -> dict:
     return header
 
 
-_INDEX_COLUMNS = ("image_ids", "offsets", "num_boxes", "image_h", "image_w", "has_object_probs")
+_INDEX_COLUMNS = ("image_ids", "offsets", "num_boxes", "image_h", "image_w", "has_object_probs", "has_attr_probs")
 
 
 def _read_shard_index(path: Path) -> dict:
@@ -344,8 +351,11 @@ def _read_shard_index(path: Path) -> dict:
         raise UserError(f"cannot read shard index {path}: {err}") from err
     if not isinstance(index, dict) or index.get("format") != SHARD_FORMAT_NAME:
         raise UserError(f"{path} is not a {SHARD_FORMAT_NAME} index")
-    if index.get("version") != FORMAT_VERSION:
-        raise UserError(f"{path} has format version {index.get('version')!r}; this reader knows 1")
+    if index.get("version") not in READABLE_VERSIONS:
+        raise UserError(f"{path} has format version {index.get('version')!r}; this reader knows "
+                        f"{', '.join(map(str, READABLE_VERSIONS))}")
+    if index["version"] == 1 and isinstance(index.get("image_ids"), list):
+        index["has_attr_probs"] = [0] * len(index["image_ids"])  # version 1 stores no attribute distributions
     lengths = set()
     for column in _INDEX_COLUMNS:
         if not isinstance(index.get(column), list):
@@ -420,6 +430,7 @@ def validate_record(
         "object_probs": ((num_boxes, num_classes), "<f2", "float"),
         "attr_ids": ((num_boxes,), "<i8", "int"),
         "attr_conf": ((num_boxes,), "<f4", "float"),
+        "attr_probs": ((num_boxes, num_attributes), "<f2", "float"),
     }
     arrays: dict[str, np.ndarray] = {}
     for key, (shape, dtype, kind) in expected.items():
@@ -473,7 +484,8 @@ class FeatureStoreWriter:
 
     Use as a context manager. ``add(image_id, record)`` stores one image (record keys: ``image_h``, ``image_w`` ints;
     ``boxes`` (K, 4) pixel x1y1x2y2; ``features`` (K, D); ``object_ids`` (K,); ``object_conf`` (K,); optional
-    ``object_probs`` (K, C) without background; ``attr_ids`` (K,); ``attr_conf`` (K,); K may vary, K = 0 allowed;
+    ``object_probs`` (K, C) without background; ``attr_ids`` (K,); ``attr_conf`` (K,); optional ``attr_probs``
+    (K, A) (kept when the store has attributes); K may vary, K = 0 allowed;
     numpy arrays or torch tensors, cast to the stored dtypes). ``image_id in writer`` tells whether an image is
     stored already (resume). Opening an existing store checks that ``feature_dim``, ``num_classes`` and
     ``num_attributes`` match and that class/attribute names agree, merges the other ``meta`` keys, and continues
@@ -562,8 +574,10 @@ class FeatureStoreWriter:
                 if key in meta and key in stored_meta and meta[key] != stored_meta[key]:
                     raise UserError(f"{where} has different {key} from the ones given")
             merged = {**stored_meta, **meta}
-            if merged != stored_meta:
+            # a version 1 store continues as version 2: its records are version 2 records without attr_probs
+            if merged != stored_meta or header["version"] != FORMAT_VERSION:
                 header["meta"] = merged
+                header["version"] = FORMAT_VERSION
                 _atomic_write_json(header_path, header, self.fsync)
             self.meta = merged
         else:
@@ -645,7 +659,9 @@ class FeatureStoreWriter:
         )
         num_boxes = arrays["boxes"].shape[0]
         has_probs = "object_probs" in arrays
-        layout = record_layout(num_boxes, self.feature_dim, self.num_classes, has_probs)
+        has_attr_probs = "attr_probs" in arrays and self.num_attributes > 0
+        layout = record_layout(num_boxes, self.feature_dim, self.num_classes, has_probs, self.num_attributes,
+                               has_attr_probs)
         blob = bytearray(layout.record_bytes)
         for section in layout.sections:
             blob[section.start : section.start + section.nbytes] = arrays[section.key].tobytes()
@@ -657,7 +673,8 @@ class FeatureStoreWriter:
         written = 0
         while written < len(view):  # a partial write past the committed end is invisible and overwritten later
             written += os.pwrite(self._data_fd, view[written:], offset + written)
-        for column, value in zip(_INDEX_COLUMNS, (image_id, offset, num_boxes, image_h, image_w, int(has_probs))):
+        for column, value in zip(_INDEX_COLUMNS, (image_id, offset, num_boxes, image_h, image_w, int(has_probs),
+                                                  int(has_attr_probs))):
             self._entries[column].append(value)
         self._data_bytes = offset + layout.record_bytes
         self._ids.add(image_id)
@@ -733,7 +750,8 @@ class FeatureStore(Mapping):
     ``store[image_id]`` returns a dict of fresh numpy arrays (never views of the map): ``image_id`` (as stored),
     ``image_h``, ``image_w``, ``num_boxes`` (ints), ``boxes`` (K, 4) float32 pixels, ``normalized_boxes`` (K, 4)
     float32 = boxes / [w, h, w, h], ``features`` (K, D) float16, ``object_ids`` (K,) int64, ``object_conf`` (K,)
-    float32, ``object_probs`` (K, C) float16 (only when stored), ``attr_ids`` (K,) int64, ``attr_conf`` (K,) float32.
+    float32, ``object_probs`` (K, C) float16 (only when stored), ``attr_ids`` (K,) int64, ``attr_conf`` (K,) float32,
+    ``attr_probs`` (K, A) float16 (only when stored).
     Lookup is exact first, then the other spelling of the id (``"42"`` finds ``42`` and vice versa). A missing id
     raises KeyError naming the id and the store.
 
@@ -781,6 +799,7 @@ class FeatureStore(Mapping):
         self._row_h = concat(columns["image_h"], np.int32)
         self._row_w = concat(columns["image_w"], np.int32)
         self._row_probs = concat(columns["has_object_probs"], np.bool_)
+        self._row_attr_probs = concat(columns["has_attr_probs"], np.bool_)
         self._ids = _IdIndex(ids, f"feature store {self.root}")
         del ids
         self._layouts: dict[tuple[int, bool], _Layout] = {}
@@ -793,9 +812,10 @@ class FeatureStore(Mapping):
         """Every indexed record must end within its shard's committed bytes."""
         if not len(self._row_offset):
             return
-        keys = self._row_boxes.astype(np.int64) * 2 + self._row_probs
+        keys = self._row_boxes.astype(np.int64) * 4 + self._row_probs * 2 + self._row_attr_probs
         unique_keys, inverse = np.unique(keys, return_inverse=True)
-        sizes = np.array([self._layout(int(key) // 2, bool(key % 2)).data_bytes for key in unique_keys], dtype=np.int64)
+        sizes = np.array([self._layout(int(key) // 4, bool(key & 2), bool(key & 1)).data_bytes
+                          for key in unique_keys], dtype=np.int64)
         ends = self._row_offset + sizes[inverse.reshape(-1)]
         limits = np.asarray(self._shard_bytes, dtype=np.int64)[self._row_shard]
         bad = np.flatnonzero((ends > limits) | (self._row_offset < 0) | (self._row_boxes < 0))
@@ -851,11 +871,12 @@ class FeatureStore(Mapping):
         return row
 
     # -- reading
-    def _layout(self, num_boxes: int, has_probs: bool) -> _Layout:
-        key = (num_boxes, has_probs)
+    def _layout(self, num_boxes: int, has_probs: bool, has_attr_probs: bool) -> _Layout:
+        key = (num_boxes, has_probs, has_attr_probs)
         layout = self._layouts.get(key)
         if layout is None:
-            layout = self._layouts[key] = record_layout(num_boxes, self.feature_dim, self.num_classes, has_probs)
+            layout = self._layouts[key] = record_layout(num_boxes, self.feature_dim, self.num_classes, has_probs,
+                                                        self.num_attributes, has_attr_probs)
         return layout
 
     def _map(self, shard: int) -> mmap.mmap:
@@ -891,7 +912,7 @@ class FeatureStore(Mapping):
         row = self._require_row(image_id)
         num_boxes, has_probs = int(self._row_boxes[row]), bool(self._row_probs[row])
         image_h, image_w = int(self._row_h[row]), int(self._row_w[row])
-        layout = self._layout(num_boxes, has_probs)
+        layout = self._layout(num_boxes, has_probs, bool(self._row_attr_probs[row]))
         if layout.data_bytes:
             if os.getpid() != self._pid:  # forked (a DataLoader worker): reopen maps, with a lock of our own
                 self._lock = threading.Lock()

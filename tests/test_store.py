@@ -171,6 +171,59 @@ def test_bad_ids_and_duplicates(tmp_path):
     assert FeatureStore(tmp_path / "s").ids() == [9]
 
 
+def test_attribute_distributions_round_trip_where_given(tmp_path):
+    rng = np.random.default_rng(4)
+    with_attrs = make_record(rng, 5)
+    with_attrs["attr_probs"] = rng.uniform(size=(5, ATTRS)).astype(np.float32)
+    without = make_record(rng, 3)
+    write_store(tmp_path / "s", {1: with_attrs, 2: without})
+    store = FeatureStore(tmp_path / "s")
+    np.testing.assert_array_equal(store[1]["attr_probs"], with_attrs["attr_probs"].astype(np.float16))
+    assert "attr_probs" not in store[2]
+    assert_same(store[1], with_attrs)
+    assert_same(store[2], without)
+    index = json.loads((tmp_path / "s" / "shard-00000.idx.json").read_text())
+    assert index["version"] == 2 and index["has_attr_probs"] == [1, 0]
+    bad = dict(with_attrs, attr_probs=np.zeros((5, ATTRS + 1)))
+    with FeatureStoreWriter(tmp_path / "s", DIM, CLASSES, ATTRS) as writer, \
+            pytest.raises(UserError, match=r"image 3: attr_probs has shape \(5, 5\), expected \(5, 4\)"):
+        writer.add(3, bad)
+
+
+def _as_version_1(root: Path) -> None:
+    """Rewrite a store written without attribute distributions as format version 1 wrote it."""
+    header = json.loads((root / "store.json").read_text())
+    (root / "store.json").write_text(json.dumps({**header, "version": 1}))
+    for path in root.glob("shard-*.idx.json"):
+        index = json.loads(path.read_text())
+        assert not any(index.pop("has_attr_probs"))
+        path.write_text(json.dumps({**index, "version": 1}))
+
+
+def test_version_1_stores_are_read_and_continued(tmp_path):
+    records = sample_records(8)
+    ids = list(records)
+    root = tmp_path / "s"
+    write_store(root, {image_id: records[image_id] for image_id in ids[:4]})
+    _as_version_1(root)
+    store = FeatureStore(root)
+    for image_id in ids[:4]:
+        assert_same(store[image_id], records[image_id])
+        assert "attr_probs" not in store[image_id]
+    extra = dict(records[ids[4]], attr_probs=np.full((len(records[ids[4]]["boxes"]), ATTRS), 0.5, np.float32))
+    with FeatureStoreWriter(root, DIM, CLASSES, ATTRS) as writer:  # continues the version 1 shard
+        writer.add(ids[4], extra)
+    assert json.loads((root / "store.json").read_text())["version"] == 2
+    store = FeatureStore(root)
+    assert store.ids() == ids[:5]
+    for image_id in ids[:4]:
+        assert_same(store[image_id], records[image_id])
+    assert (store[ids[4]]["attr_probs"] == 0.5).all()
+    (root / "store.json").write_text(json.dumps({**json.loads((root / "store.json").read_text()), "version": 3}))
+    with pytest.raises(UserError, match="has format version 3; this reader knows 1, 2"):
+        FeatureStore(root)
+
+
 # ---------------------------------------------------------------------------------------------- resume and errors
 
 
@@ -482,6 +535,7 @@ def test_bad_tsv_rows_are_warned_with_line_numbers_and_skipped(tmp_path, capsys)
 
 def test_npz_dir_round_trip_and_other_producers(tmp_path):
     records = sample_records(10, seed=11)
+    records[1002]["attr_probs"] = np.random.default_rng(13).uniform(size=(5, ATTRS)).astype(np.float32)
     write_store(tmp_path / "s", records)
     assert export_npz_dir(tmp_path / "s", tmp_path / "npz") == len(records)
     exported = np.load(tmp_path / "npz" / "img_0.npz")
@@ -495,6 +549,8 @@ def test_npz_dir_round_trip_and_other_producers(tmp_path):
     assert sorted(back.ids(), key=str) == sorted(records, key=str)
     for image_id, expected in records.items():
         assert_same(back[image_id], expected)
+    np.testing.assert_array_equal(back[1002]["attr_probs"], records[1002]["attr_probs"].astype(np.float16))
+    assert "attr_probs" not in back[1004]
 
     # UNITER-style (norm_bb, soft_labels with background, conf, fp16 features, no image size) and
     # bottom-up-attention.pytorch-style (x, bbox, image_h/w, a pickled info dict that must not be unpickled)
