@@ -43,6 +43,7 @@ from torch.utils.data import DataLoader
 from vl.data.shards import CaptionRecord, ShardStream, StreamConfig, hash_seed, strip_meta
 from vl.data.vl_masking import (
     MaskingVocab,
+    hide_tags,
     VLBatchPlan,
     VLMaskingConfig,
     grounded_token_ids,
@@ -147,13 +148,16 @@ class PretrainBatchMaker:
 
     tokenizer: ``vl.text.tokenizer.Tokenizer``; store: a ``region_features.store.FeatureStore``; plans: task name ->
     ``VLBatchPlan`` (what the task's objectives need); geometry: the model's ``region.geometry`` ("none" keeps the 4
-    normalised corners); with_class_probs: put the detector's class distributions in the batch (MRC / MRC-kl).
+    normalised corners); with_class_probs: put the detector's class distributions in the batch (MRC / MRC-kl);
+    tagger: a ``vl.data.tags.RegionTagger`` for a model with object tags (``region_tag_ids`` / ``_weights``).
     """
 
     def __init__(self, tokenizer: Any, store: Any, cfg: PretrainDataConfig, mixer: TaskMixer,
-                 plans: Mapping[str, VLBatchPlan], geometry: str = "none", with_class_probs: bool = False):
+                 plans: Mapping[str, VLBatchPlan], geometry: str = "none", with_class_probs: bool = False,
+                 tagger: Any = None):
         self.tokenizer = tokenizer
         self.store = store
+        self.tagger = tagger
         self.cfg = cfg
         self.mixer = mixer
         self.plans = dict(plans)
@@ -213,10 +217,15 @@ class PretrainBatchMaker:
         region_mask = np.zeros((batch_size, num_regions), dtype=np.int64)
         probs = np.zeros((batch_size, num_regions, self.num_classes), dtype=np.float32) \
             if self.with_class_probs else None
+        if self.tagger is not None:
+            tag_ids = np.full((batch_size, num_regions, self.tagger.width), self.tokenizer.pad_id, dtype=np.int64)
+            tag_weights = np.zeros((batch_size, num_regions, self.tagger.width), dtype=np.float32)
         for row, (item, count) in enumerate(zip(regions, counts)):
             feats[row, :count] = item["features"][:count]
             boxes[row, :count] = np.clip(item["normalized_boxes"][:count], 0.0, 1.0)
             region_mask[row, :count] = 1
+            if self.tagger is not None:
+                tag_ids[row, :count], tag_weights[row, :count] = self.tagger(item, count)
             if probs is not None:
                 if "object_probs" in item:
                     probs[row, :count] = item["object_probs"][:count]
@@ -238,6 +247,9 @@ class PretrainBatchMaker:
         }
         if probs is not None:
             batch["region_class_probs"] = torch.from_numpy(probs)
+        if self.tagger is not None:
+            batch["region_tag_ids"] = torch.from_numpy(tag_ids)
+            batch["region_tag_weights"] = torch.from_numpy(tag_weights)
         return batch
 
     def __call__(self, records: Sequence[CaptionRecord], batch_index: int, generator: torch.Generator,
@@ -285,9 +297,10 @@ def mask_mismatched_inputs(batch: dict[str, Any], cfg: VLMaskingConfig, vocab: M
                                          text_rows, cfg.ensure_one_masked, cfg.grounded_probability)
         out["input_ids"] = masked_ids
     if bool(region_rows.any()):
-        masked_feats, _ = mask_region_features(out["region_feats"], out["region_mask"], generator,
-                                               cfg.mrm_probability, region_rows, cfg.ensure_one_masked)
+        masked_feats, masked = mask_region_features(out["region_feats"], out["region_mask"], generator,
+                                                    cfg.mrm_probability, region_rows, cfg.ensure_one_masked)
         out["region_feats"] = masked_feats
+        out = hide_tags(out, masked)
     return out
 
 

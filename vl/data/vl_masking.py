@@ -17,7 +17,8 @@ Keys added by ``prepare_vl_batch`` (only those its ``VLBatchPlan`` asks for):
 - ``itm_labels (B,)`` long: 1 = matched pair, 0 = mismatched (negative);
 - ``mlm_labels (B, T)`` long: the original token id at masked positions, -100 elsewhere; ``input_ids`` is masked
   (80% [MASK], 10% a random non-special token, 10% unchanged);
-- ``mrm_mask (B, R)`` bool: masked regions, whose ``region_feats`` rows are zeroed (boxes are kept);
+- ``mrm_mask (B, R)`` bool: masked regions, whose ``region_feats`` rows are zeroed (boxes are kept) and whose
+  object tags are hidden (``region_tag_weights`` zeroed; the originals in ``mrm_tag_weights``);
   ``mrm_feat_targets (B, R, D)``: the original features;
   ``mrm_class_targets (B, R)`` long: detector argmax at masked regions, -100 elsewhere (needs ``region_class_probs``);
   ``mrm_class_probs (B, R, C)``: the detector distribution (needs ``region_class_probs``).
@@ -41,6 +42,7 @@ IGNORE_INDEX = -100
 TEXT_KEYS = ("input_ids", "attention_mask", "token_type_ids")
 REQUIRED_KEYS = TEXT_KEYS + ("region_feats", "region_boxes", "region_mask")
 MASKING_TARGET_KEYS = ("mlm_labels", "mrm_mask", "mrm_class_targets")
+TAG_WEIGHTS = "region_tag_weights"  # object tags (vl.data.tags): a masked region's tag is hidden with it
 
 
 @dataclass(frozen=True)
@@ -277,8 +279,20 @@ def unmask_batch(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         mrm_mask = out.pop("mrm_mask")
         if "mrm_feat_targets" in out:
             out["region_feats"] = torch.where(mrm_mask[:, :, None], out["mrm_feat_targets"], out["region_feats"])
+    if "mrm_tag_weights" in out:
+        out[TAG_WEIGHTS] = out.pop("mrm_tag_weights")
     for key in ("mrm_feat_targets", "mrm_class_targets", "mrm_class_probs"):
         out.pop(key, None)
+    return out
+
+
+def hide_tags(batch: dict[str, torch.Tensor], hidden: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The batch with the object tags of the ``hidden`` (B, R) bool regions zeroed (a copy; unchanged without
+    tags): a masked region must not keep its name beside it."""
+    if TAG_WEIGHTS not in batch:
+        return batch
+    out = dict(batch)
+    out[TAG_WEIGHTS] = batch[TAG_WEIGHTS].masked_fill(hidden[:, :, None], 0.0)
     return out
 
 
@@ -322,6 +336,9 @@ def prepare_vl_batch(
         )
         out["mrm_mask"] = mrm_mask
         out["mrm_feat_targets"] = original
+        if TAG_WEIGHTS in out:
+            out["mrm_tag_weights"] = out[TAG_WEIGHTS]
+            out = hide_tags(out, mrm_mask)
         if "region_class_probs" in out:
             probs = out["region_class_probs"]
             out["mrm_class_probs"] = probs

@@ -41,8 +41,9 @@ class RegionEmbeddings(nn.Module):
     ``geometry_dim == 0``). The parts are averaged (``combine="mean"``, LXMERT) or summed (``"sum"``, UNITER,
     ViLBERT); then an optional type embedding (``num_types`` rows, row ``type_id``) and visual position
     embedding (``num_positions`` rows, row 0: VisualBERT) are added; then an optional final LayerNorm and
-    dropout. A model may pass ``type_embedding`` (a (H,) vector, UNITER's text segment row) and ``shared_norm``
-    (VisualBERT normalises regions with the text embeddings' LayerNorm) at call time.
+    dropout. A model may pass ``type_embedding`` (a (H,) vector, UNITER's text segment row), ``shared_norm``
+    (VisualBERT normalises regions with the text embeddings' LayerNorm) and ``extra`` (B, R, H), added before the
+    final norm (object tags summed into their regions), at call time.
     """
 
     def __init__(
@@ -81,6 +82,7 @@ class RegionEmbeddings(nn.Module):
         region_boxes: torch.Tensor | None = None,
         type_embedding: torch.Tensor | None = None,
         shared_norm: nn.Module | None = None,
+        extra: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """region_feats (B, R, D), region_boxes (B, R, G) -> (B, R, H)."""
         x = self.feature_norm(self.feature_proj(region_feats))
@@ -97,6 +99,8 @@ class RegionEmbeddings(nn.Module):
             x = x + self.type_embeddings.weight[self.type_id]
         if type_embedding is not None:
             x = x + type_embedding
+        if extra is not None:
+            x = x + extra
         if shared_norm is not None:
             x = shared_norm(x)
         elif self.norm is not None:

@@ -14,6 +14,8 @@ key                shape         meaning
                                   Plain normalised (B, R, 4) boxes are accepted for any G and expanded.
                                   Not needed when ``cfg.region.geometry == "none"`` (VisualBERT).
 ``region_mask``     (B, R)        1 at real regions, 0 at padding (optional: all real)
+``region_tag_ids``  (B, R, L)     object-tag word ids per region (``vl.encoders.tags``); only when ``cfg.tags``
+``region_tag_weights`` (B, R, L)  their weights, the detector's probabilities; 0 at padding and masked regions
 =================  ============  ===========================================================================
 
 Every fusion model is called as ``model(batch) -> VLOutput`` and exposes ``model.cfg`` (its ``FusionConfig``),
@@ -73,6 +75,30 @@ class RegionConfig:
             raise ValueError(f"region.geometry '{self.geometry}' is not one of {list(GEOMETRY_DIMS)}")
         if self.type_id < 0:
             raise ValueError(f"region.type_id must be >= 0, got {self.type_id}")
+
+
+@dataclass(frozen=True)
+class TagConfig:
+    """Object tags (Oscar, VinVL): per region, the names of its most probable detector classes and attributes,
+    weighted by their probabilities, in the word-embedding space (``vl.encoders.tags``, ``vl.data.tags``).
+
+    placement "text": one tag token per region joins the text side (single-stream: [text; tags; regions];
+    dual-stream: the text stream), with a segment embedding of its own and its region's box geometry.
+    placement "region": the tag is added to its region's token (Unicoder-VL sums the object label into it).
+    """
+
+    placement: Literal["text", "region"] = "text"
+    classes: int = 1  # a tag names the region's most probable classes, this many
+    attributes: int = 4  # ... and its most probable attributes, this many
+    min_probability: float = 0.05  # names less probable than this are left out of the tag
+
+    def __post_init__(self):
+        if self.placement not in ("text", "region"):
+            raise ValueError(f"tags.placement must be text or region, got {self.placement!r}")
+        if self.classes < 0 or self.attributes < 0 or self.classes + self.attributes == 0:
+            raise ValueError("tags.classes and tags.attributes must be >= 0, and one of them positive")
+        if not 0.0 <= self.min_probability < 1.0:
+            raise ValueError(f"tags.min_probability must be in [0, 1), got {self.min_probability}")
 
 
 @dataclass(frozen=True)
@@ -144,6 +170,7 @@ class FusionConfig:
     vision: VisionStreamConfig | None = None  # dual_stream only
     cross: CrossConfig | None = None  # dual_stream only
     pooling: Literal["text_cls", "product"] = "text_cls"
+    tags: TagConfig | None = None  # object tags beside the regions; None: no tags (the published models)
 
     def __post_init__(self):
         if self.fusion == "single_stream":
@@ -245,6 +272,7 @@ class VLOutput:
     pooled: torch.Tensor
     pooled_text: torch.Tensor | None = None
     pooled_region: torch.Tensor | None = None
+    tag_hidden: torch.Tensor | None = None  # (B, R, H_t) last hidden states of the tag tokens (tags.placement text)
 
 
 @dataclass
@@ -341,6 +369,20 @@ def read_batch(batch: dict, cfg: FusionConfig) -> dict[str, torch.Tensor | None]
             raise UserError(f"batch 'region_boxes' has {region_boxes.shape[-1]} values per box; geometry "
                             f"'{cfg.region.geometry}' needs {geometry_dim} (or 4 normalised corners)")
         region_boxes = region_boxes.to(region_feats.dtype)
+    tag_ids = tag_weights = None
+    if cfg.tags is not None:
+        for key in ("region_tag_ids", "region_tag_weights"):
+            if batch.get(key) is None:
+                raise UserError(f"batch is missing '{key}': the model reads object tags (model.tags); "
+                                "build its batches with vl.data.tags.RegionTagger")
+        tag_ids, tag_weights = batch["region_tag_ids"], batch["region_tag_weights"]
+        if tag_ids.dim() != 3 or tuple(tag_ids.shape[:2]) != (batch_size, num_regions) or \
+                tag_weights.shape != tag_ids.shape:
+            raise UserError(f"batch 'region_tag_ids' and 'region_tag_weights' must both be ({batch_size}, "
+                            f"{num_regions}, L), got {tuple(tag_ids.shape)} and {tuple(tag_weights.shape)}")
+        tag_weights = tag_weights.to(region_feats.dtype)
+        if region_mask is not None:  # padded regions never carry a tag
+            tag_weights = tag_weights * region_mask.to(tag_weights.dtype).unsqueeze(-1)
     return {
         "input_ids": input_ids,
         "attention_mask": attention_mask,
@@ -348,4 +390,6 @@ def read_batch(batch: dict, cfg: FusionConfig) -> dict[str, torch.Tensor | None]
         "region_feats": region_feats,
         "region_boxes": region_boxes,
         "region_mask": region_mask,
+        "region_tag_ids": tag_ids,
+        "region_tag_weights": tag_weights,
     }

@@ -11,6 +11,10 @@ Two families are configurations of ``DualStreamModel`` (``cfg.cross.kind``):
   ``cross.coattn_layers`` a co-attention block lets each stream attend to the other (separate weights per
   direction) and runs a feed-forward per stream. Pooled output: relu(Linear(text [CLS])) *
   relu(Linear(first region)), the first region being the whole-image token.
+
+With ``model.tags`` (Oscar) each region's object tag (``vl.encoders.tags``) is a token appended to the text stream,
+[text; tags], where the language layers bind question words to tags directly; or it is summed into its region's
+token (``tags.placement: region``).
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from vl.encoders.transformer import (
     scatter_rows,
 )
 from vl.fusion.base import FusionConfig, OutputRows, VLOutput, key_padding_mask, masked_mean, read_batch
-from vl.fusion.single_stream import build_region_embeddings, embed_regions, init_visual_tables
+from vl.fusion.single_stream import build_object_tags, build_region_embeddings, embed_regions, init_visual_tables
 
 
 class LxmertCrossLayer(nn.Module):
@@ -126,6 +130,7 @@ class DualStreamModel(nn.Module):
             text.layer_norm_eps, text.dropout,
         )
         self.region_embeddings = build_region_embeddings(cfg, vision.hidden_size)
+        self.tags = build_object_tags(cfg, vision.hidden_size)
         self.text_layers = nn.ModuleList(
             TransformerLayer(text.hidden_size, text.num_heads, text.intermediate_size, **common)
             for _ in range(text.num_layers)
@@ -209,18 +214,34 @@ class DualStreamModel(nn.Module):
         inputs = read_batch(batch, self.cfg)
         attention_mask, region_mask = inputs["attention_mask"], inputs["region_mask"]
         text = self.text_embeddings(inputs["input_ids"], inputs["token_type_ids"])  # (B, T, H_t)
-        regions = embed_regions(self.cfg, self.text_embeddings, self.region_embeddings,
-                                inputs["region_feats"], inputs["region_boxes"])  # (B, R, H_v)
+        regions, tags = embed_regions(self.cfg, self.text_embeddings, self.region_embeddings, inputs,
+                                      self.tags)  # (B, R, H_v), (B, R, H_t) or None
+        num_text = text.shape[1]
         rows = (rows or OutputRows()).with_first(text=True, regions=self.cfg.pooling == "product")
-        text_positions = row_positions(rows.text) if rows.text is not None else None  # (B, M)
+        text_rows, stream_mask = rows.text, attention_mask
+        if tags is not None:  # the tags join the text stream, visible where their regions are
+            text = torch.cat([text, tags], dim=1)  # (B, T + R, H_t)
+            if attention_mask is not None or region_mask is not None:
+                text_part = attention_mask if attention_mask is not None else \
+                    torch.ones(text.shape[0], num_text, dtype=torch.long, device=text.device)
+                region_part = region_mask if region_mask is not None else \
+                    torch.ones(tags.shape[:2], dtype=torch.long, device=text.device)
+                stream_mask = torch.cat([text_part.to(region_part.dtype), region_part], dim=1)  # (B, T + R)
+            if text_rows is not None:  # nothing reads the tags' last hidden states
+                text_rows = torch.cat([text_rows.bool(), torch.zeros(tags.shape[:2], dtype=torch.bool,
+                                                                     device=text.device)], dim=1)
+        text_positions = row_positions(text_rows) if text_rows is not None else None  # (B, M)
         region_positions = row_positions(rows.regions) if rows.regions is not None else None  # (B, N)
         text_hidden, region_hidden, text_restricted, region_restricted = self._run_streams(
-            text, key_padding_mask(attention_mask), regions, key_padding_mask(region_mask), text_positions,
+            text, key_padding_mask(stream_mask), regions, key_padding_mask(region_mask), text_positions,
             region_positions)
         if text_restricted:
-            text_hidden = scatter_rows(text_hidden, text_positions, text.shape[1])  # (B, T, H_t)
+            text_hidden = scatter_rows(text_hidden, text_positions, text.shape[1])  # (B, T [+ R], H_t)
         if region_restricted:
             region_hidden = scatter_rows(region_hidden, region_positions, regions.shape[1])  # (B, R, H_v)
+        tag_hidden = None
+        if tags is not None:
+            text_hidden, tag_hidden = text_hidden.split([num_text, tags.shape[1]], dim=1)  # (B, T, H_t), (B, R, H_t)
         if self.cfg.pooling == "text_cls":
             return VLOutput(
                 text_hidden=text_hidden,
@@ -228,8 +249,9 @@ class DualStreamModel(nn.Module):
                 pooled=self.pooler(text_hidden),
                 pooled_text=masked_mean(text_hidden, attention_mask) if rows.text is None else None,
                 pooled_region=masked_mean(region_hidden, region_mask) if rows.regions is None else None,
+                tag_hidden=tag_hidden,
             )
         pooled_text = torch.relu(self.text_pooler(text_hidden[:, 0]))  # (B, H)
         pooled_region = torch.relu(self.vision_pooler(region_hidden[:, 0]))  # (B, H)
         return VLOutput(text_hidden=text_hidden, region_hidden=region_hidden, pooled=pooled_text * pooled_region,
-                        pooled_text=pooled_text, pooled_region=pooled_region)
+                        pooled_text=pooled_text, pooled_region=pooled_region, tag_hidden=tag_hidden)

@@ -8,6 +8,9 @@ VisualBERT and UNITER are two configurations of ``SingleStreamModel`` (see ``con
   position_embedding: true, final_norm: text, part_norm: false`` the model reproduces Hugging Face's
   ``VisualBertModel`` exactly (``vl.checkpoints.hf_vl`` loads its checkpoints).
 - UNITER: region token = LN(LN(Linear(feature)) + LN(Linear(7-d geometry)) + text_type[1]).
+
+With ``model.tags`` (Oscar) each region's object tag (``vl.encoders.tags``) is a token between the text and the
+regions, [text; tags; regions], or is summed into its region's token (``tags.placement: region``).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import torch
 from torch import nn
 
 from vl.encoders.regions import RegionEmbeddings
+from vl.encoders.tags import ObjectTags
 from vl.encoders.text import Pooler
 from vl.encoders.transformer import TextEmbeddings, TransformerEncoder, init_bert_weights
 from vl.fusion.base import FusionConfig, OutputRows, VLOutput, key_padding_mask, masked_mean, read_batch
@@ -39,14 +43,30 @@ def build_region_embeddings(cfg: FusionConfig, hidden_size: int) -> RegionEmbedd
     )
 
 
+def build_object_tags(cfg: FusionConfig, region_hidden: int) -> ObjectTags | None:
+    """The ``ObjectTags`` that ``cfg.tags`` asks for (None without tags)."""
+    if cfg.tags is None:
+        return None
+    return ObjectTags(cfg.tags.placement, cfg.text.hidden_size, region_hidden, cfg.region.geometry_dim,
+                      cfg.text.layer_norm_eps, cfg.text.dropout)
+
+
 def embed_regions(cfg: FusionConfig, text_embeddings: TextEmbeddings, region_embeddings: RegionEmbeddings,
-                  region_feats: torch.Tensor, region_boxes: torch.Tensor | None) -> torch.Tensor:
-    """Region tokens (B, R, H), borrowing the text segment row / LayerNorm where ``cfg.region`` says so."""
+                  inputs: dict[str, torch.Tensor | None], tags: ObjectTags | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Region tokens (B, R, H), borrowing the text segment row / LayerNorm where ``cfg.region`` says so, and the
+    tag tokens (B, R, H_t) when ``tags`` places them on the text side (else None). ``inputs``: ``read_batch``'s."""
     type_embedding = None
     if cfg.region.type_embedding == "text":
         type_embedding = text_embeddings.token_type_embeddings.weight[cfg.region.type_id]  # (H,)
     shared_norm = text_embeddings.norm if cfg.region.final_norm == "text" else None
-    return region_embeddings(region_feats, region_boxes, type_embedding=type_embedding, shared_norm=shared_norm)
+    tag_tokens = region_extra = None
+    if tags is not None:
+        tag_tokens, region_extra = tags(text_embeddings.word_embeddings, inputs["region_tag_ids"],
+                                        inputs["region_tag_weights"], inputs["region_boxes"])
+    region_tokens = region_embeddings(inputs["region_feats"], inputs["region_boxes"], type_embedding=type_embedding,
+                                      shared_norm=shared_norm, extra=region_extra)
+    return region_tokens, tag_tokens
 
 
 def init_visual_tables(text_embeddings: TextEmbeddings, region_embeddings: RegionEmbeddings) -> None:
@@ -77,6 +97,7 @@ class SingleStreamModel(nn.Module):
             text.layer_norm_eps, text.dropout,
         )
         self.region_embeddings = build_region_embeddings(cfg, text.hidden_size)
+        self.tags = build_object_tags(cfg, text.hidden_size)
         self.encoder = TransformerEncoder(
             text.num_layers, text.hidden_size, text.num_heads, text.intermediate_size, text.dropout,
             text.attn_dropout, text.layer_norm_eps, text.activation, text.pre_ln,
@@ -93,26 +114,31 @@ class SingleStreamModel(nn.Module):
         inputs = read_batch(batch, self.cfg)
         input_ids, attention_mask, region_mask = inputs["input_ids"], inputs["attention_mask"], inputs["region_mask"]
         text_tokens = self.text_embeddings(input_ids, inputs["token_type_ids"])  # (B, T, H)
-        region_tokens = embed_regions(self.cfg, self.text_embeddings, self.region_embeddings,
-                                      inputs["region_feats"], inputs["region_boxes"])  # (B, R, H)
-        num_text = input_ids.shape[1]
+        region_tokens, tag_tokens = embed_regions(self.cfg, self.text_embeddings, self.region_embeddings, inputs,
+                                                  self.tags)  # (B, R, H), (B, R, H) or None
+        num_text, num_regions = input_ids.shape[1], region_tokens.shape[1]
+        tag_parts = [tag_tokens] if tag_tokens is not None else []
         joint_mask = None
         if attention_mask is not None or region_mask is not None:
             text_part = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
             region_part = region_mask if region_mask is not None else region_tokens.new_ones(region_tokens.shape[:2])
-            joint_mask = torch.cat([text_part.to(region_part.dtype), region_part], dim=1)  # (B, T + R)
+            # tags are visible where their regions are
+            joint_mask = torch.cat([text_part.to(region_part.dtype), *[region_part] * len(tag_parts), region_part],
+                                   dim=1)  # (B, T [+ R] + R)
         joint_rows = None
         if rows is not None and (rows.text is not None or rows.regions is not None):
             rows = rows.with_first(text=True, regions=False)  # [CLS], read by the pooler
             text_rows = rows.text if rows.text is not None else input_ids.new_ones(input_ids.shape, dtype=torch.bool)
             region_rows = rows.regions if rows.regions is not None else \
                 input_ids.new_ones(region_tokens.shape[:2], dtype=torch.bool)
-            joint_rows = torch.cat([text_rows, region_rows.bool()], dim=1)  # (B, T + R)
-        hidden = self.encoder(torch.cat([text_tokens, region_tokens], dim=1), key_padding_mask(joint_mask),
-                              rows=joint_rows)  # (B, T + R, H)
-        # (B, T, H), (B, R, H); ``split`` as in ``Attention.both_ways``: its backward concatenates the two gradients,
-        # where each slice's would zero-fill a (B, T + R, H) tensor to be summed
-        text_hidden, region_hidden = hidden.split([num_text, hidden.shape[1] - num_text], dim=1)
+            tag_rows = [torch.zeros_like(region_rows, dtype=torch.bool)] * len(tag_parts)  # nothing reads them
+            joint_rows = torch.cat([text_rows.bool(), *tag_rows, region_rows.bool()], dim=1)  # (B, T [+ R] + R)
+        hidden = self.encoder(torch.cat([text_tokens, *tag_parts, region_tokens], dim=1),
+                              key_padding_mask(joint_mask), rows=joint_rows)  # (B, T [+ R] + R, H)
+        # (B, T, H), [(B, R, H)], (B, R, H); ``split`` as in ``Attention.both_ways``: its backward concatenates the
+        # gradients, where each slice's would zero-fill a (B, T + R, H) tensor to be summed
+        parts = hidden.split([num_text, *[num_regions] * len(tag_parts), num_regions], dim=1)
+        text_hidden, region_hidden = parts[0], parts[-1]
         restricted = rows if rows is not None else OutputRows()
         return VLOutput(
             text_hidden=text_hidden,
@@ -120,4 +146,5 @@ class SingleStreamModel(nn.Module):
             pooled=self.pooler(hidden),
             pooled_text=masked_mean(text_hidden, attention_mask) if restricted.text is None else None,
             pooled_region=masked_mean(region_hidden, region_mask) if restricted.regions is None else None,
+            tag_hidden=parts[1] if tag_parts else None,
         )

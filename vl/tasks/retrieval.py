@@ -55,7 +55,7 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
+from vl.progress import progress_bar
 
 from vl.config import ConfigError, atomic_write_text, from_dict, load_config
 from vl.data.formats import KARPATHY_SPLITS, read_karpathy
@@ -79,6 +79,7 @@ from vl.tasks.vl_finetune import (
     steps_for_epochs,
     text_batch,
 )
+from vl.data.tags import RegionTagger, region_tagger
 from vl.text.tokenizer import Tokenizer
 from vl.train.loop import TrainConfig, TrainResult, seed_everything, train
 
@@ -91,7 +92,7 @@ NEGATIVE_SOURCES = ("itm", "contrastive", "sampled")
 VAL_METRICS_FILE = "val_metrics.json"
 RECALL_KS = (1, 5, 10)
 TEXT_KEYS = ("input_ids", "attention_mask", "token_type_ids")
-REGION_KEYS = ("region_feats", "region_boxes", "region_mask")
+REGION_KEYS = ("region_feats", "region_boxes", "region_mask", "region_tag_ids", "region_tag_weights")
 
 
 @dataclass(frozen=True)
@@ -255,6 +256,9 @@ class RetrievalModel(nn.Module):
         inputs["region_feats"] = torch.zeros(rows, 1, self.cfg.region.feature_dim, device=device)
         inputs["region_boxes"] = torch.zeros(rows, 1, 4, device=device)
         inputs["region_mask"] = torch.zeros(rows, 1, dtype=torch.long, device=device)
+        if self.cfg.tags is not None:  # the dummy region's empty tag
+            inputs["region_tag_ids"] = torch.zeros(rows, 1, 1, dtype=torch.long, device=device)
+            inputs["region_tag_weights"] = torch.zeros(rows, 1, 1, device=device)
         return self.fusion(inputs)
 
     def regions_only(self, batch: dict[str, torch.Tensor]) -> VLOutput:
@@ -279,7 +283,7 @@ class RetrievalModel(nn.Module):
 
     # training -------------------------------------------------------------------------------------------------
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        inputs = {key: batch[key] for key in (*TEXT_KEYS, *REGION_KEYS)}
+        inputs = {key: batch[key] for key in (*TEXT_KEYS, *REGION_KEYS) if key in batch}
         image_ids = batch.get("image_ids")
         text_emb, image_emb = self.embed_texts(inputs), self.embed_images(inputs)
         scale = self.contrastive.logit_scale
@@ -421,7 +425,8 @@ class RetrievalCollator:
     """(image index, caption index) examples -> a batch of matched pairs with ``image_ids`` (B,) long."""
 
     def __init__(self, split: RetrievalSplit, token_ids: Sequence[Sequence[int]], store: Any, feature_dim: int,
-                 max_regions: int, pad_id: int):
+                 max_regions: int, pad_id: int, tagger: RegionTagger | None = None):
+        self.tagger = tagger
         self.split = split
         self.token_ids = token_ids
         self.store = store
@@ -432,8 +437,8 @@ class RetrievalCollator:
     def __call__(self, examples: Sequence[tuple[int, int]], generator: torch.Generator | None = None
                  ) -> dict[str, torch.Tensor]:
         batch = text_batch([self.token_ids[text] for _, text in examples], self.pad_id)
-        batch.update(region_batch([read_regions(self.store, self.split.image_ids[image], self.max_regions)
-                                   for image, _ in examples], self.feature_dim))
+        batch.update(region_batch([read_regions(self.store, self.split.image_ids[image], self.max_regions,
+                                                self.tagger) for image, _ in examples], self.feature_dim))
         batch["image_ids"] = torch.tensor([image for image, _ in examples], dtype=torch.long)
         return batch
 
@@ -531,10 +536,12 @@ class RetrievalIndex:
         token_ids = encode_texts(tokenizer, split.texts, cfg.max_text_len)
         text = text_batch(token_ids, tokenizer.pad_id)
         self.text_ids, self.text_mask = text["input_ids"], text["attention_mask"]  # (N_t, T)
-        regions = [read_regions(store, image_id, cfg.max_regions) for image_id in split.image_ids]
-        bank = region_batch(regions, self.feature_dim)
-        self.region_feats = bank["region_feats"].to(torch.float16)  # (N_i, R, D), as the store keeps them
-        self.region_boxes, self.region_mask = bank["region_boxes"], bank["region_mask"]  # (N_i, R, 4), (N_i, R)
+        tagger = region_tagger(store, tokenizer, model.cfg)
+        bank = region_batch([read_regions(store, image_id, cfg.max_regions, tagger) for image_id in split.image_ids],
+                            self.feature_dim)
+        bank["region_feats"] = bank["region_feats"].to(torch.float16)  # (N_i, R, D), as the store keeps them
+        self.region_bank = bank  # region_feats, region_boxes (N_i, R, 4), region_mask (N_i, R) [, tags (N_i, R, L)]
+        self.region_mask = bank["region_mask"]
         start = time.perf_counter()
         self.text_emb = self._embed(len(split.texts), self._texts, model.embed_texts, "embed captions")
         self.image_emb = self._embed(len(split.image_ids), self._images, model.embed_images, "embed images")
@@ -548,10 +555,10 @@ class RetrievalIndex:
         return {"input_ids": ids, "attention_mask": mask[:, :length], "token_type_ids": torch.zeros_like(ids)}
 
     def _images(self, index: torch.Tensor) -> dict[str, torch.Tensor]:
-        mask = self.region_mask[index]
-        count = max(1, int(mask.sum(dim=1).max()))
-        return {"region_feats": self.region_feats[index, :count].float(),
-                "region_boxes": self.region_boxes[index, :count], "region_mask": mask[:, :count]}
+        count = max(1, int(self.region_mask[index].sum(dim=1).max()))
+        batch = {key: value[index, :count] for key, value in self.region_bank.items()}
+        batch["region_feats"] = batch["region_feats"].float()
+        return batch
 
     def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {key: value.to(self.device) for key, value in batch.items()}
@@ -559,8 +566,8 @@ class RetrievalIndex:
     @torch.no_grad()
     def _embed(self, count: int, make: Callable, encode: Callable, desc: str) -> torch.Tensor:
         chunks = []
-        for start in tqdm(range(0, count, self.batch_size), desc=desc, disable=self.progress is False or None,
-                          leave=False):
+        show = False if self.progress is False else None
+        for start in progress_bar(range(0, count, self.batch_size), desc=desc, show=show, leave=False):
             index = torch.arange(start, min(start + self.batch_size, count))
             chunks.append(encode(self._to_device(make(index))).float().cpu())
         return torch.cat(chunks) if chunks else torch.zeros(0, self.cfg.embed_dim)
@@ -678,8 +685,8 @@ def all_pair_scores(index: RetrievalIndex, query_chunk: int = 64) -> torch.Tenso
     """(N_t, N_i) ITM scores of every (caption, image) pair of the index's split."""
     num_texts, num_images = len(index.split.texts), len(index.split.image_ids)
     rows = []
-    for start in tqdm(range(0, num_texts, query_chunk), desc="score all pairs", disable=index.progress is False or None,
-                      leave=False):
+    for start in progress_bar(range(0, num_texts, query_chunk), desc="score all pairs",
+                              show=False if index.progress is False else None, leave=False):
         stop = min(start + query_chunk, num_texts)
         texts = torch.arange(start, stop).repeat_interleave(num_images)
         images = torch.arange(num_images).repeat(stop - start)
@@ -744,7 +751,7 @@ def finetune_retrieval(cfg: RetrievalFinetuneConfig, init: str, karpathy: str | 
     from vl.data.text_pretrain import TextBatchStream
 
     collate = RetrievalCollator(train_split, token_ids, store, fusion.cfg.region.feature_dim, rcfg.max_regions,
-                                tokenizer.pad_id)
+                                tokenizer.pad_id, region_tagger(store, tokenizer, fusion.cfg))
     stream = TextBatchStream(RetrievalTrainData(train_split, token_ids, train_cfg.seed), train_cfg.batch_size,
                              collate, seed=train_cfg.seed)
 

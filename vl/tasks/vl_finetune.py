@@ -29,12 +29,13 @@ import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 
 from vl.config import read_run_config, read_yaml
+from vl.data.tags import RegionTagger
 from vl.errors import UserError
 from vl.fusion.base import FusionConfig, fusion_config_from_dict
 from vl.fusion.pretraining import HeadsConfig, VLPretrainingModel, build_pretraining_model
@@ -207,28 +208,59 @@ def encode_texts(tokenizer: Tokenizer, texts: Sequence[str], max_len: int) -> li
     return [list(encoding.ids) for encoding in tokenizer.encode_batch(list(texts), max_len=max_len)]
 
 
-def read_regions(store: Any, image_id: Any, max_regions: int) -> tuple[np.ndarray, np.ndarray]:
-    """The first ``max_regions`` regions of an image: features (K, D) as stored and normalised boxes (K, 4)."""
-    record = store[image_id]
+class ImageRegions(NamedTuple):
+    """One image's regions as a model reads them: features (K, D) as stored, normalised boxes (K, 4), and, for a
+    model with object tags, their word ids and weights (K, L) (``vl.data.tags``)."""
+
+    feats: np.ndarray
+    boxes: np.ndarray
+    tag_ids: np.ndarray | None = None
+    tag_weights: np.ndarray | None = None
+
+
+def read_regions(store: Any, image_id: Any, max_regions: int, tagger: RegionTagger | None = None) -> ImageRegions:
+    """The first ``max_regions`` regions of an image (with their tags when a ``tagger`` is given)."""
+    return record_regions(store[image_id], max_regions, tagger)
+
+
+def record_regions(record: dict[str, Any], max_regions: int, tagger: RegionTagger | None = None) -> ImageRegions:
+    """``read_regions`` of a store record (``FeatureStore.__getitem__``'s keys)."""
     count = min(int(record["features"].shape[0]), max_regions)
     boxes = np.clip(record["normalized_boxes"][:count], 0.0, 1.0).astype(np.float32)
-    return record["features"][:count], boxes
+    if tagger is None:
+        return ImageRegions(record["features"][:count], boxes)
+    return ImageRegions(record["features"][:count], boxes, *tagger(record, count))
 
 
-def region_batch(regions: Sequence[tuple[np.ndarray, np.ndarray]], feature_dim: int) -> dict[str, torch.Tensor]:
+def region_batch(regions: Sequence[ImageRegions | tuple[np.ndarray, np.ndarray]],
+                 feature_dim: int) -> dict[str, torch.Tensor]:
     """``region_feats`` (B, R, D) float32, ``region_boxes`` (B, R, 4), ``region_mask`` (B, R) of per-image
-    (features, normalised boxes) pairs, padded to the largest count (at least 1)."""
-    num_regions = max(1, max(len(feats) for feats, _ in regions))
+    regions, padded to the largest count (at least 1); with tags, ``region_tag_ids`` / ``region_tag_weights``
+    (B, R, L) too (zero weight at padding)."""
+    regions = [item if isinstance(item, ImageRegions) else ImageRegions(*item) for item in regions]
+    num_regions = max(1, max(len(item.feats) for item in regions))
     feats = np.zeros((len(regions), num_regions, feature_dim), dtype=np.float32)
     boxes = np.zeros((len(regions), num_regions, 4), dtype=np.float32)
     mask = np.zeros((len(regions), num_regions), dtype=np.int64)
-    for row, (image_feats, image_boxes) in enumerate(regions):
-        count = len(image_feats)
-        feats[row, :count] = image_feats
-        boxes[row, :count] = image_boxes
+    tagged = regions[0].tag_ids is not None
+    if tagged:
+        width = regions[0].tag_ids.shape[1]
+        tag_ids = np.zeros((len(regions), num_regions, width), dtype=np.int64)
+        tag_weights = np.zeros((len(regions), num_regions, width), dtype=np.float32)
+    for row, item in enumerate(regions):
+        count = len(item.feats)
+        feats[row, :count] = item.feats
+        boxes[row, :count] = item.boxes
         mask[row, :count] = 1
-    return {"region_feats": torch.from_numpy(feats), "region_boxes": torch.from_numpy(boxes),
-            "region_mask": torch.from_numpy(mask)}
+        if tagged:
+            tag_ids[row, :count] = item.tag_ids
+            tag_weights[row, :count] = item.tag_weights
+    batch = {"region_feats": torch.from_numpy(feats), "region_boxes": torch.from_numpy(boxes),
+             "region_mask": torch.from_numpy(mask)}
+    if tagged:
+        batch["region_tag_ids"] = torch.from_numpy(tag_ids)
+        batch["region_tag_weights"] = torch.from_numpy(tag_weights)
+    return batch
 
 
 def missing_images(store: Any, image_ids: Sequence[Any]) -> list[Any]:

@@ -36,9 +36,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
+from vl.progress import progress_bar
 
 from vl.config import ConfigError, atomic_write_text, from_dict, load_config
+from vl.data.tags import RegionTagger, region_tagger
 from vl.data.formats import (
     VqaAnnotation,
     VqaQuestion,
@@ -61,6 +62,7 @@ from vl.tasks.vl_finetune import (
     prepare_init,
     read_regions,
     read_task_config,
+    record_regions,
     region_batch,
     steps_for_epochs,
     text_batch,
@@ -233,19 +235,22 @@ def with_features(examples: Sequence[VqaExample], store: Any, flag: str, questio
 
 
 class VqaCollator:
-    """Examples -> a batch: text keys, region keys (read from ``store``) and ``answer_targets`` (B, A) float."""
+    """Examples -> a batch: text keys, region keys (read from ``store``, with object tags when a ``tagger`` is
+    given) and ``answer_targets`` (B, A) float."""
 
-    def __init__(self, store: Any, feature_dim: int, max_regions: int, num_answers: int, pad_id: int):
+    def __init__(self, store: Any, feature_dim: int, max_regions: int, num_answers: int, pad_id: int,
+                 tagger: RegionTagger | None = None):
         self.store = store
         self.feature_dim = feature_dim
         self.max_regions = max_regions
         self.num_answers = num_answers
         self.pad_id = pad_id
+        self.tagger = tagger
 
     def __call__(self, examples: Sequence[VqaExample], generator: torch.Generator | None = None
                  ) -> dict[str, torch.Tensor]:
         batch = text_batch([example.token_ids for example in examples], self.pad_id)
-        batch.update(region_batch([read_regions(self.store, example.image_id, self.max_regions)
+        batch.update(region_batch([read_regions(self.store, example.image_id, self.max_regions, self.tagger)
                                    for example in examples], self.feature_dim))
         targets = torch.zeros(len(examples), self.num_answers)
         for row, example in enumerate(examples):
@@ -303,7 +308,7 @@ def answer_logits(model: VqaModel, examples: Sequence[VqaExample], collate: VqaC
     model.eval()
     chunks = []
     try:
-        for start in tqdm(range(0, len(examples), batch_size), desc=desc, disable=None, leave=False):
+        for start in progress_bar(range(0, len(examples), batch_size), desc=desc, leave=False):
             batch = to_device(collate(examples[start:start + batch_size]), device)
             chunks.append(model.logits(batch).float().cpu())
     finally:
@@ -392,7 +397,8 @@ def finetune_vqa(cfg: VqaFinetuneConfig, init: str, train_questions: str | os.Pa
     out.mkdir(parents=True, exist_ok=True)
     tokenizer.save(out)
     write_answers(answers, out / ANSWERS_FILE)
-    collate = VqaCollator(store, fusion.cfg.region.feature_dim, vcfg.max_regions, len(answers), tokenizer.pad_id)
+    collate = VqaCollator(store, fusion.cfg.region.feature_dim, vcfg.max_regions, len(answers), tokenizer.pad_id,
+                          region_tagger(store, tokenizer, fusion.cfg))
     from vl.data.text_pretrain import TextBatchStream
 
     stream = TextBatchStream(lambda epoch: train_examples, train_cfg.batch_size, collate, seed=train_cfg.seed)
@@ -478,7 +484,8 @@ def predict_vqa(run_dir: str | os.PathLike, questions_path: str | os.PathLike, f
     examples = vqa_examples(questions, tokenizer, run.vqa.max_text_len)
     if shuffle_images is not None:
         examples = shuffled_images(examples, shuffle_images)
-    collate = VqaCollator(store, run.model.region.feature_dim, run.vqa.max_regions, len(answers), tokenizer.pad_id)
+    collate = VqaCollator(store, run.model.region.feature_dim, run.vqa.max_regions, len(answers), tokenizer.pad_id,
+                          region_tagger(store, tokenizer, run.model))
     logits = answer_logits(model, examples, collate, batch_size or run.vqa.eval_batch_size)
     results = results_json(examples, predicted_answers(logits, answers))
     atomic_write_text(out, json.dumps(results) + "\n")
@@ -503,9 +510,10 @@ def format_vqa_metrics(metrics: dict[str, Any]) -> str:
 # One image, one question (vl vqa)
 
 
-def image_regions(detector: Any, image_path: str | os.PathLike, selection: Any) -> tuple[np.ndarray, np.ndarray]:
-    """Regions of one image file as ``vl-regions extract`` stores them: features (K, D) (rounded through float16,
-    as the store keeps them) and normalised boxes (K, 4). ``detector`` is a loaded ``RegionDetector``."""
+def image_regions(detector: Any, image_path: str | os.PathLike, selection: Any) -> dict[str, np.ndarray]:
+    """Regions of one image file as ``vl-regions extract`` stores them and ``FeatureStore`` reads them back:
+    ``features`` (K, D) (rounded through float16, as the store keeps them), ``normalized_boxes`` (K, 4), the class
+    and attribute distributions with their argmax and confidence. ``detector`` is a loaded ``RegionDetector``."""
     from region_features.images import load_image
     from region_features.pipeline import ResizeToModel, to_original
 
@@ -524,8 +532,14 @@ def image_regions(detector: Any, image_path: str | os.PathLike, selection: Any) 
         region = detector.extract_regions([image], selection)[0]
     boxes = to_original(region["boxes"], sample)
     normalized = (boxes / torch.tensor([orig_w, orig_h, orig_w, orig_h], dtype=torch.float32)).clamp(0.0, 1.0)
-    feats = region["region_feats"].float().numpy().astype(np.float16).astype(np.float32)
-    return feats, normalized.numpy().astype(np.float32)
+
+    def stored(key: str) -> np.ndarray:  # as the store keeps it: float16
+        return region[key].float().numpy().astype(np.float16)
+
+    return {"features": stored("region_feats"), "normalized_boxes": normalized.numpy().astype(np.float32),
+            "object_probs": stored("object_probs"), "object_ids": region["object_ids"].numpy(),
+            "object_conf": region["object_conf"].float().numpy(), "attr_probs": stored("attr_probs"),
+            "attr_ids": region["attr_ids"].numpy(), "attr_conf": region["attr_conf"].float().numpy()}
 
 
 def answer_image_question(run_dir: str | os.PathLike, detector_source: str | os.PathLike,
@@ -541,17 +555,19 @@ def answer_image_question(run_dir: str | os.PathLike, detector_source: str | os.
     if top < 1:
         raise UserError(f"--top must be >= 1, got {top}")
     model, run, tokenizer, answers = load_vqa_run(run_dir)
-    detector, _ = load_detector(detector_source)
+    detector, labels = load_detector(detector_source)
     if detector.feature_dim != run.model.region.feature_dim:
         raise UserError(f"--detector {detector_source} gives {detector.feature_dim}-d region features but --run "
                         f"{run_dir} reads {run.model.region.feature_dim}-d ones")
     settings = {**run.box_selection, **(selection_overrides or {})}
     selection = BoxSelection(**{key: value for key, value in settings.items()
                                 if key in {f.name for f in dataclasses.fields(BoxSelection)}})
-    feats, boxes = image_regions(detector, image_path, selection)
-    count = min(len(feats), run.vqa.max_regions)
+    record = image_regions(detector, image_path, selection)
+    tagger = None
+    if run.model.tags is not None:
+        tagger = RegionTagger(labels.class_names, list(labels.attributes), tokenizer, run.model.tags)
     batch = text_batch(encode_texts(tokenizer, [question], run.vqa.max_text_len), tokenizer.pad_id)
-    batch.update(region_batch([(feats[:count], boxes[:count])], run.model.region.feature_dim))
+    batch.update(region_batch([record_regions(record, run.vqa.max_regions, tagger)], run.model.region.feature_dim))
     with torch.no_grad():
         scores = torch.sigmoid(model.logits(batch).float())[0]  # (A,)
     values, indices = scores.topk(min(top, len(answers)))

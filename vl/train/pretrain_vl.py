@@ -36,6 +36,7 @@ from vl.config import atomic_write_text, from_dict, read_run_config, read_yaml
 from vl.data.shards import FaultCounter, ShardStream, StreamConfig, expand_shards, read_records
 from vl.data.vl_batches import SUM_TASK, PretrainBatchMaker, PretrainDataConfig, PretrainStream, TaskMixer
 from vl.data.vl_masking import VLBatchPlan, concat_batches, unmask_batch
+from vl.data.tags import region_tagger
 from vl.errors import UserError
 from vl.fusion.base import FusionConfig
 from vl.fusion.pretraining import HeadsConfig, VLPretrainingModel, build_pretraining_model, head_rows
@@ -350,7 +351,7 @@ def heldout_batches(maker: PretrainBatchMaker, sources: Sequence[str], batch_siz
     with ``prepared=False`` plain (every pair matched, nothing masked)."""
     plan = _union_plan(maker.plans.values()) if prepared else VLBatchPlan()
     eval_maker = PretrainBatchMaker(maker.tokenizer, maker.store, maker.cfg, TaskMixer({SUM_TASK: 1.0}, seed, True),
-                                    {SUM_TASK: plan}, maker.geometry, maker.with_class_probs)
+                                    {SUM_TASK: plan}, maker.geometry, maker.with_class_probs, maker.tagger)
     stream = ShardStream(list(sources), StreamConfig(batch_size=batch_size, shuffle_buffer=0, shuffle_shards=False,
                                                      epochs=1, caption_source=maker.cfg.caption_source,
                                                      max_consecutive_faults=0, drop_last=False),
@@ -443,9 +444,11 @@ def heldout_itm_accuracy(run_dir: str | os.PathLike, features: str | os.PathLike
 
     module, cfg, tokenizer = load_pretrainer(run_dir)
     plans = batch_plans(module.tasks, module.objectives)
-    maker = PretrainBatchMaker(tokenizer, FeatureStore(features), cfg.data, TaskMixer({SUM_TASK: 1.0}, 0, True),
+    store = FeatureStore(features)
+    maker = PretrainBatchMaker(tokenizer, store, cfg.data, TaskMixer({SUM_TASK: 1.0}, 0, True),
                                plans, module.fusion.cfg.region.geometry,
-                               any(name in ("mrc", "mrc_kl") for name in cfg.objectives))
+                               any(name in ("mrc", "mrc_kl") for name in cfg.objectives),
+                               region_tagger(store, tokenizer, module.fusion.cfg))
     return itm_accuracy(module, heldout_batches(maker, expand_shards(pattern), batch_size, max_batches, 0,
                                                 prepared=False))
 
@@ -470,7 +473,6 @@ def pretrain_vl(cfg: VLPretrainConfig, out: str | os.PathLike, features: str, sh
     init / tokenizer_dir: see ``build_model`` and ``resolve_tokenizer``; val_shards: held-out shards evaluated
     every ``train.eval_every`` steps and at the end; plot: draw ``loss.png`` at the end.
     """
-    from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs
 
     from region_features.store import FeatureStore
@@ -485,8 +487,8 @@ def pretrain_vl(cfg: VLPretrainConfig, out: str | os.PathLike, features: str, sh
     cpu = cfg.train.cpu or not torch.cuda.is_available()
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # One task per batch leaves other heads unused in a step: DDP must look for unused parameters.
-        accelerator = Accelerator(mixed_precision=cfg.train.precision, cpu=cpu,
-                                  kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+        accelerator = make_accelerator(cfg.train.precision, cpu,
+                                       kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
     else:
         accelerator = make_accelerator(cfg.train.precision, cpu)
     out.mkdir(parents=True, exist_ok=True)
@@ -507,7 +509,8 @@ def pretrain_vl(cfg: VLPretrainConfig, out: str | os.PathLike, features: str, sh
     with_probs = any(name in ("mrc", "mrc_kl") for name in cfg.objectives)
     mixer = TaskMixer({name: spec.mix for name, spec in cfg.objectives.items()}, cfg.train.seed,
                       sum_all=cfg.data.mix == "sum")
-    maker = PretrainBatchMaker(tokenizer, store, cfg.data, mixer, plans, model_cfg.region.geometry, with_probs)
+    maker = PretrainBatchMaker(tokenizer, store, cfg.data, mixer, plans, model_cfg.region.geometry, with_probs,
+                               region_tagger(store, tokenizer, model_cfg))
     stream = ShardStream(sources, cfg.data.stream_config(cfg.train.batch_size), maker, seed=cfg.train.seed,
                          rank=accelerator.process_index, world_size=accelerator.num_processes,
                          check_record=maker.check_record,
