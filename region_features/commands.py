@@ -47,6 +47,20 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     _add_runtime_flags(detect)
     detect.set_defaults(func=run_detect)
 
+    evaluate = subparsers.add_parser(
+        "evaluate",
+        help="score a detector on annotated images: COCO mAP and attribute accuracy",
+        description="Run a trained detector on the images of COCO instances A.json and print, as one JSON line, "
+        "COCO box mAP@[.5:.95] and mAP@0.5 (pycocotools) and, with an attribute head, attribute accuracy: for each "
+        "ground-truth box with n attributes, the share of the head's n most probable attributes that are true.",
+    )
+    evaluate.add_argument("--detector", required=True, metavar="RUN", help="a vl-regions train run")
+    evaluate.add_argument("--instances", required=True, metavar="A.json", help="COCO instances to score against")
+    evaluate.add_argument("--images", required=True, metavar="DIR", help="directory the instances' file_names are in")
+    evaluate.add_argument("--out", metavar="METRICS.json", help="also write the metrics to this file")
+    _add_runtime_flags(evaluate)
+    evaluate.set_defaults(func=run_evaluate)
+
     extract = subparsers.add_parser(
         "extract",
         help="extract region features into a feature store",
@@ -85,6 +99,28 @@ def run_train(args: argparse.Namespace) -> int:
                              args.config, args.overrides)
     if metrics:
         print(json.dumps(metrics))
+    return 0
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    from region_features.coco import read_instances
+    from region_features.images import ProblemLog
+    from region_features.train import evaluate_detector, load_detector
+
+    if args.batch_size < 1 or args.workers < 0:
+        raise UserError("--batch-size must be >= 1 and --workers >= 0")
+    if not Path(args.images).is_dir():
+        raise UserError(f"--images {args.images} is not a directory")
+    instances = read_instances(args.instances)
+    model, labels = load_detector(args.detector)
+    problems = ProblemLog()
+    metrics = evaluate_detector(model, instances, args.images, labels, args.batch_size, args.workers, problems,
+                                precision=resolve_precision(args.precision, "cpu", what="--precision"))
+    if args.out:
+        atomic_write_text(args.out, json.dumps(metrics, indent=2) + "\n")
+    print(json.dumps(metrics))
+    if problems.total:
+        print(problems.summary(), file=sys.stderr)
     return 0
 
 

@@ -237,8 +237,10 @@ def evaluate_detector(
     batch_size: int = 8,
     num_workers: int = 0,
     problems: ProblemLog | None = None,
+    precision: str = "fp32",
 ) -> dict:
-    """COCO box mAP (pycocotools) and attribute accuracy on an annotated image set.
+    """COCO box mAP (pycocotools) and attribute accuracy on an annotated image set (``precision``: a resolved
+    ``vl.precision`` choice for the forward passes).
 
     Attribute accuracy: for each ground-truth box with n >= 1 attributes, the attribute head (conditioned on the
     class the model predicts for that box) ranks all attributes; the share of its top n that are true. Chance level
@@ -260,7 +262,7 @@ def evaluate_detector(
     chance = 0.0
     try:
         for batch in batches_of(dataset, batch_size, num_workers, problems):
-            with torch.inference_mode():
+            with torch.inference_mode(), autocast(precision, "cpu"):
                 detections = model.detect_resized([sample["image"] for sample in batch])
             results.extend(detection_results(batch, detections, labels))
             if model.num_attributes == 0:
@@ -269,7 +271,7 @@ def evaluate_detector(
             for sample in batch:
                 boxes = [b.bbox for b in gt_boxes[sample["image_id"]] if not b.iscrowd]
                 given.append(torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4) * sample["scale"])
-            with torch.inference_mode():
+            with torch.inference_mode(), autocast(precision, "cpu"):
                 regions = model.extract_regions([s["image"] for s in batch], BoxSelection(), given_boxes=given)
             for sample, region in zip(batch, regions):
                 boxes = [b for b in gt_boxes[sample["image_id"]] if not b.iscrowd]
@@ -494,7 +496,7 @@ def train_detector(
 
 def _evaluate_and_write(model, val_instances, val_images_dir, labels, tcfg, run, step, problems) -> dict:
     metrics = evaluate_detector(model, val_instances, val_images_dir, labels, tcfg.eval_batch_size,
-                                tcfg.num_workers, problems)
+                                tcfg.num_workers, problems, resolve_precision(tcfg.precision, "cpu", quiet=True))
     metrics = {"step": step, **metrics}
     atomic_write_text(run / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     return metrics

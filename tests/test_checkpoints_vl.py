@@ -249,6 +249,10 @@ def test_architectures_without_hf_format_refuse_export(tmp_path):
         with pytest.raises(UserError, match="cannot export"):
             export_hf_vl(model, tmp_path / name)
         assert not (tmp_path / name / "model.safetensors").exists()
+    for name in ("lxmert-tiny.yaml", "visualbert-tiny.yaml"):  # exportable, but not with object tags
+        model = build_pretraining_model(load_fusion_config(CONFIGS / name, ["model.tags.placement=text"]))
+        with pytest.raises(UserError, match=r"cannot export a model with object tags \(model.tags\)"):
+            export_hf_vl(model, tmp_path / f"tagged-{name}")
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,7 @@ def test_quick_demo_writes_a_report(tmp_path):
     done = subprocess.run([sys.executable, "-m", "vl", "demo", "--quick", "--out", str(out)], capture_output=True,
                           text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    assert "[12/12]" in done.stdout
+    assert "[16/16]" in done.stdout
     report = (out / "report.md").read_text()
     for heading in ("Detector", "VQA accuracy", "image-blind control", "retrieval", "Time per stage"):
         assert heading.lower() in report.lower()
@@ -33,7 +33,7 @@ def test_quick_demo_writes_a_report(tmp_path):
     if (os.cpu_count() or 1) >= 2:  # the later stages shared the machine, and the report says so
         assert "the later stages ran 2 at a time" in report
     assert (out / "report.html").read_text().startswith("<!doctype html>")
-    for png in ("pretraining_loss.png", "vqa_accuracy.png", "examples.png"):
+    for png in ("pretraining_loss.png", "vqa_accuracy.png", "data_efficiency.png", "examples.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
     figures = json.loads((out / "figures.json").read_text())
     numbers = list(finite_numbers(figures))
@@ -43,4 +43,4 @@ def test_quick_demo_writes_a_report(tmp_path):
     # A second run finds every stage done and only rewrites the report.
     again = subprocess.run([sys.executable, "-m", "vl", "demo", "--quick", "--out", str(out)], capture_output=True,
                            text=True, timeout=300)
-    assert again.returncode == 0 and again.stdout.count("done earlier") == 12
+    assert again.returncode == 0 and again.stdout.count("done earlier") == 16

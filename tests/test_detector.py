@@ -304,6 +304,19 @@ def test_detect_writes_coco_results(trained_run, world, tmp_path):
     assert set(detections.getImgIds()) <= set(gt.getImgIds())
 
 
+def test_evaluate_prints_map_and_attribute_accuracy(trained_run, world, tmp_path, capsys):
+    out = tmp_path / "metrics.json"
+    assert vl_regions(["evaluate", "--detector", str(trained_run["run"]), "--instances", str(world.instances("val")),
+                       "--images", str(world.images_dir("val")), "--out", str(out), "--workers", "0"]) == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert printed == json.loads(out.read_text())
+    assert {"mAP", "mAP@0.5", "attr_accuracy", "attr_top1", "attr_chance"} <= set(printed)
+    assert 0.0 <= printed["attr_accuracy"] <= 1.0 and printed["val_images"] == 16
+    code = vl_regions(["evaluate", "--detector", str(trained_run["run"]), "--instances", str(world.instances("val")),
+                       "--images", str(tmp_path / "nowhere")])
+    assert code == 2 and "--images" in capsys.readouterr().err
+
+
 def _extract(run: Path, out: Path, *extra: str) -> FeatureStore:
     assert vl_regions(["extract", "--detector", str(run), "--out", str(out), "--workers", "0", *extra]) == 0
     return FeatureStore(out)
@@ -322,6 +335,7 @@ def test_extract_store_shapes_dtypes_and_meta(trained_run, world, tmp_path):
     assert record["object_probs"].dtype == np.float16 and record["object_ids"].dtype == np.int64
     np.testing.assert_allclose(record["object_probs"].astype(np.float32).sum(-1), 1.0, atol=1e-2)
     assert record["attr_ids"].max() < 10 and record["attr_conf"].dtype == np.float32
+    assert record["attr_probs"].shape == (k, 10) and record["attr_probs"].dtype == np.float16  # every attribute
     assert (record["boxes"][:, 2] <= record["image_w"]).all() and (record["boxes"][:, 3] <= record["image_h"]).all()
     assert store.meta["class_names"][0] == "circle" and len(store.meta["attribute_names"]) == 10
 

@@ -21,7 +21,9 @@ from vl.tasks.vqa import (
     VqaExample,
     VqaModel,
     build_answer_vocab,
+    VqaConfig,
     count_answers,
+    question_subset,
     shuffled_images,
     soft_targets,
 )
@@ -67,6 +69,23 @@ def test_soft_targets_normalise_answers_and_skip_out_of_vocabulary():
     assert targets == pytest.approx({0: vqa_accuracy("yes", answers)})
     assert targets[0] == pytest.approx(0.6)  # 2 exact matches
     assert soft_targets(["no"] * 10, index) == {}
+
+
+def test_question_subset_is_seeded_and_keeps_annotations_paired():
+    from vl.data.formats import VqaQuestion
+    questions = [VqaQuestion(question_id=i, image_id=1, question=f"q{i}") for i in range(200)]
+    annotations = [annotation(i, ["yes"] * 10) for i in range(200)]
+    kept_q, kept_a = question_subset(questions, annotations, 0.1, seed=3)
+    assert len(kept_q) == 20 and [q.question_id for q in kept_q] == [a.question_id for a in kept_a]
+    assert [q.question_id for q in kept_q] == sorted(q.question_id for q in kept_q)  # file order kept
+    again, _ = question_subset(list(reversed(questions)), annotations, 0.1, seed=3)
+    assert {q.question_id for q in again} == {q.question_id for q in kept_q}  # the draw ignores file order
+    other, _ = question_subset(questions, annotations, 0.1, seed=4)
+    assert {q.question_id for q in other} != {q.question_id for q in kept_q}
+    assert len(question_subset(questions, annotations, 0.001, seed=0)[0]) == 1  # never empty
+    assert question_subset(questions, annotations, 1.0, seed=0)[0] == questions
+    with pytest.raises(ValueError, match="train_fraction"):
+        VqaConfig(train_fraction=0.0)
 
 
 def test_answer_vocabulary_threshold_and_order():

@@ -134,7 +134,10 @@ def test_evaluate_reports_overall_per_answer_type_and_per_question_type():
     assert scores["per_answer_type"] == pytest.approx({"yes/no": 100.0, "number": 60.0, "other": 0.0})
     assert scores["per_question_type"] == pytest.approx(
         {"is the": 100.0, "how many": 60.0, "what color is the": 0.0, "is there a": 100.0})
-    assert scores["num_questions"] == 4
+    assert scores["num_questions"] == 4 and "per_group" not in scores
+    grouped = evaluate_vqa(annotations, results, groups={1: "spatial", 4: "existence", 3: "colour"})
+    assert grouped["per_group"] == pytest.approx({"spatial": 100.0, "existence": 100.0, "colour": 0.0})
+    assert grouped["overall"] == scores["overall"]
 
 
 def test_results_must_answer_exactly_the_annotated_questions():

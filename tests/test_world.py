@@ -386,8 +386,8 @@ def test_same_seed_gives_identical_bytes_and_another_seed_does_not(tmp_path):
     generate_world(tmp_path / "c", WorldConfig(seed=6, train=4, val=2, test=2, size=64, shard_size=3), progress=False)
     first, second, other = _digest(tmp_path / "a"), _digest(tmp_path / "b"), _digest(tmp_path / "c")
     assert first == second
-    # 8 images, 5 JSON files and a corpus per split, 2 + 1 + 1 shards, Karpathy, corpus, manifest
-    assert len(first) == 8 + 3 * 6 + 4 + 3
+    # 8 images, 6 JSON files and a corpus per split, 2 + 1 + 1 shards, Karpathy, corpus, manifest
+    assert len(first) == 8 + 3 * 7 + 4 + 3
     assert first["annotations/instances_train2014.json"] != other["annotations/instances_train2014.json"]
 
 
@@ -454,3 +454,20 @@ def test_world_paths_refuse_unknown_splits(world):
         world.instances("dev")
     with pytest.raises(UserError, match="no generated world"):
         load_world(world.root / "images")
+
+
+def test_question_families_name_what_each_question_asks(world):
+    questions = json.loads(world.vqa_questions("train").read_text())["questions"]
+    families = json.loads(world.question_families("train").read_text())["families"]
+    assert sorted(families) == sorted(str(q["question_id"]) for q in questions)
+    assert set(families.values()) <= {"color", "shape", "size", "size_yes_no", "count", "exist", "spatial_yes_no",
+                                      "spatial_choice"}
+    by_id = {str(q["question_id"]): q["question"] for q in questions}
+    for question_id, family in families.items():
+        text = by_id[question_id]
+        if family == "count":
+            assert text.startswith("How many")
+        if family == "spatial_choice":
+            assert " or " in text
+        if family == "color":
+            assert "color" in text

@@ -56,6 +56,7 @@ class DemoConfig:
     train_images: int = 1000
     val_images: int = 60
     test_images: int = 500  # 3,000 test questions: the VQA comparison's noise is well under a point
+    questions_per_image: int = 6
     detector_config: str = "detector-tiny.yaml"
     detector_steps: int = 1500  # at 1,200 the seed-1 test mAP@0.5 was 0.802; at 1,500, 0.834
     single_stream_config: str = "pretrain-uniter-small.yaml"
@@ -63,6 +64,9 @@ class DemoConfig:
     pretrain_steps: int | None = None  # None: each pretraining config's own train.steps
     vqa_config: str = "finetune-vqa-tiny.yaml"
     vqa_steps: int = 1000
+    # data efficiency: each VQA model is also fine-tuned on these shares of the training questions, with these steps
+    data_fractions: tuple[float, ...] = (0.01, 0.1)
+    fraction_steps: tuple[int, ...] = (100, 300)
     retrieval_config: str = "finetune-retrieval-tiny.yaml"
     # negatives drawn by similarity (the config's `sampled`): ~0.15 s a step on one thread beside another stage, a
     # quarter of mining them by ITM score. On seed 0's world, 100 test images: at 600 steps the ITM re-ranking
@@ -78,7 +82,14 @@ class DemoConfig:
     @staticmethod
     def quick(seed: int = 0) -> DemoConfig:
         return DemoConfig(seed=seed, size=64, train_images=24, val_images=8, test_images=8, detector_steps=6,
-                          pretrain_steps=4, vqa_steps=4, retrieval_steps=4, example_questions=1)
+                          pretrain_steps=4, vqa_steps=4, data_fractions=(0.5,), fraction_steps=(2,),
+                          retrieval_steps=4, example_questions=1)
+
+    def __post_init__(self) -> None:
+        if len(self.data_fractions) != len(self.fraction_steps):
+            raise UserError("demo: data_fractions and fraction_steps need one entry each per fraction")
+        if not all(0.0 < fraction < 1.0 for fraction in self.data_fractions):
+            raise UserError(f"demo: data_fractions must lie in (0, 1), got {list(self.data_fractions)}")
 
 
 @dataclass
@@ -151,7 +162,7 @@ class Demo:
         def world() -> list[list[str]]:
             return [_vl("generate-world", "--out", str(self.world), "--seed", str(cfg.seed), "--train",
                         str(cfg.train_images), "--val", str(cfg.val_images), "--test", str(cfg.test_images),
-                        "--size", str(cfg.size), "--force"),
+                        "--size", str(cfg.size), "--questions-per-image", str(cfg.questions_per_image), "--force"),
                     _vl("tokenizer", "train", "--text", self.world_file("text", "corpus_train.txt"), "--vocab-size",
                         str(cfg.vocab_size), "--out", str(self.tokenizer))]
 
@@ -165,7 +176,10 @@ class Demo:
 
         def detect() -> list[list[str]]:
             return [_regions("detect", "--detector", str(self.detector), "--images",
-                             self.world_file("images", "test2014"), "--out", str(self.out / "detections_test.json"))]
+                             self.world_file("images", "test2014"), "--out", str(self.out / "detections_test.json")),
+                    _regions("evaluate", "--detector", str(self.detector), "--instances",
+                             self.world_file("annotations", "instances_test2014.json"), "--images",
+                             self.world_file("images", "test2014"), "--out", str(self.out / "detector_test.json"))]
 
         def extract() -> list[list[str]]:
             return [_regions("extract", "--detector", str(self.detector), "--images", self.world_file("images"),
@@ -179,27 +193,37 @@ class Demo:
                                                          if cfg.pretrain_steps is not None else []),
                                            f"train.seed={cfg.seed}", *self.feature_sets()))]
 
-        def vqa(name: str) -> Callable[[], list[list[str]]]:
-            run = str(self.run_dir(name))
-            results = str(self.out / f"{name}_test_results.json")
-            blind = str(self.out / f"{name}_test_blind_results.json")
-            return lambda: [
-                _vl("finetune", "vqa", "--init", pretrained.get(name, "scratch"),
-                    "--train-questions", self.questions("train"), "--train-annotations", self.annotations("train"),
-                    "--val-questions", self.questions("val"), "--val-annotations", self.annotations("val"),
-                    "--features", str(self.features), "--out", run,
-                    "--config", str(CONFIG_DIR / cfg.vqa_config),
-                    *(["--tokenizer", str(self.tokenizer)] if name in scratch_models else []),
-                    *self.sets("vqa", f"train.steps={cfg.vqa_steps}", f"train.seed={cfg.seed}",
-                               *([f"model={scratch_models[name]}", *self.feature_sets()[:1]]
-                                 if name in scratch_models else []))),
-                _vl("predict", "vqa", "--run", run, "--questions", self.questions("test"), "--features",
-                    str(self.features), "--out", results),
-                _vl("evaluate", "vqa", "--annotations", self.annotations("test"), "--results", results),
-                # the image-blind control: the same questions on other images' regions
-                _vl("predict", "vqa", "--run", run, "--questions", self.questions("test"), "--features",
-                    str(self.features), "--out", blind, "--shuffle-images", str(cfg.seed)),
-            ]
+        def vqa(name: str, fraction: float | None = None, steps: int = cfg.vqa_steps
+                ) -> Callable[[], list[list[str]]]:
+            """Fine-tune VQA model ``name`` (on ``fraction`` of the training questions) and answer the test split;
+            the full-data runs also answer it on other images' regions (the image-blind control)."""
+            stage = name if fraction is None else fraction_stage(name, fraction)
+            run = str(self.run_dir(stage))
+            results = str(self.out / f"{stage}_test_results.json")
+            blind = str(self.out / f"{stage}_test_blind_results.json")
+            subset = [] if fraction is None else [f"vqa.train_fraction={fraction}"]
+
+            def commands() -> list[list[str]]:
+                scratch = [f"model={scratch_models[name]}", *self.feature_sets()[:1]] if name in scratch_models else []
+                listed = [
+                    _vl("finetune", "vqa", "--init", pretrained.get(name, "scratch"),
+                        "--train-questions", self.questions("train"), "--train-annotations", self.annotations("train"),
+                        "--val-questions", self.questions("val"), "--val-annotations", self.annotations("val"),
+                        "--features", str(self.features), "--out", run,
+                        "--config", str(CONFIG_DIR / cfg.vqa_config),
+                        *(["--tokenizer", str(self.tokenizer)] if name in scratch_models else []),
+                        *self.sets("vqa", f"train.steps={steps}", f"train.seed={cfg.seed}", *subset, *scratch)),
+                    _vl("predict", "vqa", "--run", run, "--questions", self.questions("test"), "--features",
+                        str(self.features), "--out", results),
+                    _vl("evaluate", "vqa", "--annotations", self.annotations("test"), "--results", results),
+                ]
+                if fraction is None:  # the image-blind control: the same questions on other images' regions
+                    listed.append(_vl("predict", "vqa", "--run", run, "--questions", self.questions("test"),
+                                      "--features", str(self.features), "--out", blind, "--shuffle-images",
+                                      str(cfg.seed)))
+                return listed
+
+            return commands
 
         def retrieval() -> list[list[str]]:
             run = str(self.run_dir("retrieval"))
@@ -220,6 +244,13 @@ class Demo:
                                     "--image", example["image"], "--question", example["question"]))
             return commands
 
+        def vqa_stages(name: str, title: str, needs: tuple[str, ...]) -> list[Stage]:
+            """The full-data VQA stage of model ``name``, then one per data fraction."""
+            return [Stage(name, title, vqa(name), needs)] + [
+                Stage(fraction_stage(name, fraction), f"{title}, {fraction:.0%} of the questions",
+                      vqa(name, fraction, steps), needs)
+                for fraction, steps in zip(cfg.data_fractions, cfg.fraction_steps)]
+
         # In order of priority: with two at a time, the longest chain (dual-stream pretraining, then its VQA) starts
         # first, and the single-stream chain (pretraining, retrieval, VQA) runs beside it.
         return [
@@ -233,10 +264,10 @@ class Demo:
                                                                                  cfg.single_stream_config),
                   ("extract",)),
             Stage("retrieval", "retrieval fine-tune and evaluate", retrieval, ("pretrain-single",)),
-            Stage("vqa-dual", "VQA from pretrained dual-stream", vqa("vqa-dual"), ("pretrain-dual",)),
-            Stage("vqa-single", "VQA from pretrained single-stream", vqa("vqa-single"), ("pretrain-single",)),
-            Stage("vqa-scratch-dual", "VQA from scratch (dual-stream)", vqa("vqa-scratch-dual"), ("extract",)),
-            Stage("vqa-scratch", "VQA from scratch (single-stream)", vqa("vqa-scratch"), ("extract",)),
+            *vqa_stages("vqa-dual", "VQA from pretrained dual-stream", ("pretrain-dual",)),
+            *vqa_stages("vqa-single", "VQA from pretrained single-stream", ("pretrain-single",)),
+            *vqa_stages("vqa-scratch-dual", "VQA from scratch (dual-stream)", ("extract",)),
+            *vqa_stages("vqa-scratch", "VQA from scratch (single-stream)", ("extract",)),
             Stage("examples", "answer questions on held-out images", examples, ("vqa-single", "detector")),
         ]
 
@@ -395,6 +426,15 @@ class Demo:
     def machine(self) -> str:
         cpu = platform.processor() or platform.machine()
         return f"{os.cpu_count()} CPU cores ({cpu}), Python {platform.python_version()}"
+
+
+VQA_MODELS = ("vqa-single", "vqa-scratch", "vqa-dual", "vqa-scratch-dual")  # the four VQA models of the demo
+
+
+def fraction_stage(name: str, fraction: float) -> str:
+    """The stage (and run) name of VQA model ``name`` fine-tuned on ``fraction`` of the questions
+    (``vqa-single-10pct``)."""
+    return f"{name}-{fraction * 100:g}pct"
 
 
 def _tail(path: Path, size: int = 4096) -> str:

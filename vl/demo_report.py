@@ -25,6 +25,9 @@ if TYPE_CHECKING:
 NOT_LOSSES = {"step", "lr", "grad_norm", "samples_per_s", "elapsed_s", "nonfinite_skipped", "loss"}
 VQA_RUNS = {"vqa-single": "pretrained single-stream (UNITER)", "vqa-scratch": "from scratch (UNITER)",
             "vqa-dual": "pretrained dual-stream (LXMERT)", "vqa-scratch-dual": "from scratch (LXMERT)"}
+# What the world's questions ask (vqa/question_families_*.json), grouped as the report shows them
+FAMILY_GROUPS = {"color": "colour", "shape": "shape", "size": "size", "size_yes_no": "size", "count": "counting",
+                 "exist": "existence", "spatial_yes_no": "spatial relation", "spatial_choice": "spatial relation"}
 
 
 def detector_map(instances: Path, detections: Path) -> dict[str, float]:
@@ -44,12 +47,21 @@ def detector_map(instances: Path, detections: Path) -> dict[str, float]:
     return {"mAP": float(evaluation.stats[0]), "mAP@0.5": float(evaluation.stats[1])}
 
 
-def vqa_scores(annotations: list[Any], results: Path) -> dict[str, Any]:
-    """Official VQA accuracy of a results file against read annotations (``read_vqa_annotations``)."""
+def vqa_scores(annotations: list[Any], results: Path, groups: dict[int, str] | None = None) -> dict[str, Any]:
+    """Official VQA accuracy of a results file against read annotations (``read_vqa_annotations``), per question
+    group too when ``groups`` is given."""
     from vl.data.formats import read_vqa_results
     from vl.tasks.vqa_eval import evaluate_vqa
 
-    return evaluate_vqa(annotations, read_vqa_results(results))
+    return evaluate_vqa(annotations, read_vqa_results(results), groups)
+
+
+def question_groups(path: Path) -> dict[int, str] | None:
+    """Question id -> the report's group (``FAMILY_GROUPS``) from a world's question families file, if any."""
+    if not path.is_file():
+        return None
+    families = json.loads(path.read_text())["families"]
+    return {int(question_id): FAMILY_GROUPS.get(family, family) for question_id, family in families.items()}
 
 
 def retrieval_recall(karpathy: Path, rankings: Path, split: str = "test") -> dict[str, float]:
@@ -128,7 +140,7 @@ def plot_pretraining(runs: dict[str, Path], out: Path) -> Path | None:
         axes[index // cols][index % cols].axis("off")
     fig.suptitle("pretraining losses per objective")
     fig.tight_layout()
-    fig.savefig(out, dpi=90)
+    atomic_savefig(fig, out, dpi=90)
     plt.close(fig)
     return out
 
@@ -153,9 +165,51 @@ def plot_vqa(scores: dict[str, dict[str, Any]], out: Path) -> Path:
     ax.legend(fontsize=7, loc="upper right")
     ax.set_title("VQA accuracy on the held-out test split")
     fig.tight_layout()
-    fig.savefig(out, dpi=90)
+    atomic_savefig(fig, out, dpi=90)
     plt.close(fig)
     return out
+
+
+def plot_data_efficiency(efficiency: dict[str, dict[float, float]], out: Path) -> Path:
+    """VQA accuracy against the share of training questions fine-tuned on (log scale), one line per model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    for name, points in efficiency.items():
+        fractions = sorted(points)
+        pretrained = not name.startswith("vqa-scratch")
+        ax.plot([100 * f for f in fractions], [points[f] for f in fractions], marker="o",
+                linestyle="-" if pretrained else "--", label=VQA_RUNS.get(name, name))
+        for fraction in fractions:
+            ax.annotate(f"{points[fraction]:.0f}", (100 * fraction, points[fraction]), fontsize=7,
+                        textcoords="offset points", xytext=(3, 3))
+    ax.set_xscale("log")
+    shares = sorted({f for points in efficiency.values() for f in points})
+    ax.set_xticks([100 * f for f in shares], [f"{100 * f:g}%" for f in shares])
+    ax.set_xlabel("share of the VQA training questions fine-tuned on")
+    ax.set_ylabel("VQA accuracy (%), test split")
+    ax.set_ylim(0, 100)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    ax.set_title("What pretraining buys: accuracy against fine-tuning data")
+    fig.tight_layout()
+    atomic_savefig(fig, out, dpi=90)
+    plt.close(fig)
+    return out
+
+
+def atomic_savefig(fig: Any, out: Path, **options: Any) -> None:
+    """``fig.savefig`` through a temporary name and a rename, as every other output is written."""
+    tmp = out.with_name(f".{out.name}.tmp")
+    try:
+        fig.savefig(tmp, format=out.suffix.lstrip(".") or "png", **options)
+        tmp.replace(out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def plot_examples(demo: Demo, examples: list[dict[str, Any]], answers: list[str], out: Path) -> Path:
@@ -189,16 +243,17 @@ def plot_examples(demo: Demo, examples: list[dict[str, Any]], answers: list[str]
     for index in range(len(examples), rows * cols):
         axes[index // cols][index % cols].axis("off")
     fig.tight_layout()
-    fig.savefig(out, dpi=100)
+    atomic_savefig(fig, out, dpi=100)
     plt.close(fig)
     return out
 
 
-def _with_blind(score: dict[str, Any], blind: dict[str, Any] | None, question_type: str | None = None) -> str:
-    """``"48.1 (40.2)"``: accuracy on the real images, and in brackets on other images' regions."""
+def _with_blind(score: dict[str, Any], blind: dict[str, Any] | None, kind: str | None = None,
+                breakdown: str = "per_question_type") -> str:
+    """``"48.1 (40.2)"``: accuracy on the real images, and in brackets on other images' regions (overall, or of
+    question ``kind`` of ``score[breakdown]``)."""
     def pick(metrics: dict[str, Any]) -> float:
-        return metrics["overall"] if question_type is None else metrics["per_question_type"].get(question_type,
-                                                                                                  float("nan"))
+        return metrics["overall"] if kind is None else metrics.get(breakdown, {}).get(kind, float("nan"))
     return f"{pick(score):.1f}" + (f" ({pick(blind):.1f})" if blind else "")
 
 
@@ -243,20 +298,32 @@ def stage_sharing(demo: Demo) -> str:
 
 
 def write_report(demo: Demo, total_seconds: float) -> Path:
+    from vl.data.formats import read_vqa_annotations
+    from vl.demo import fraction_stage
+
     out = demo.out
     cfg = demo.cfg
     figures: dict[str, Any] = {}
     figures["detector"] = detector_map(demo.world / "annotations" / "instances_test2014.json",
                                        out / "detections_test.json")
-    train_metrics = demo.detector / "metrics.json"
-    if train_metrics.is_file():
-        figures["detector_val"] = json.loads(train_metrics.read_text())
-    from vl.data.formats import read_vqa_annotations
-
+    for key, path in (("detector_test", out / "detector_test.json"), ("detector_val", demo.detector / "metrics.json")):
+        if path.is_file():
+            figures[key] = json.loads(path.read_text())
     annotations = read_vqa_annotations(demo.annotations("test"))  # read once: every score and the examples' truth
-    figures["vqa"] = {name: vqa_scores(annotations, out / f"{name}_test_results.json") for name in VQA_RUNS}
-    figures["vqa_image_blind"] = {name: vqa_scores(annotations, out / f"{name}_test_blind_results.json")
+    groups = question_groups(demo.world / "vqa" / "question_families_test2014.json")
+    figures["vqa"] = {name: vqa_scores(annotations, out / f"{name}_test_results.json", groups) for name in VQA_RUNS}
+    figures["vqa_image_blind"] = {name: vqa_scores(annotations, out / f"{name}_test_blind_results.json", groups)
                                   for name in VQA_RUNS if (out / f"{name}_test_blind_results.json").is_file()}
+    efficiency: dict[str, dict[float, float]] = {}
+    for name in VQA_RUNS:
+        points = {1.0: figures["vqa"][name]["overall"]}
+        for fraction in cfg.data_fractions:
+            results = out / f"{fraction_stage(name, fraction)}_test_results.json"
+            if results.is_file():
+                points[fraction] = vqa_scores(annotations, results)["overall"]
+        efficiency[name] = points
+    figures["data_efficiency"] = {name: {f"{100 * f:g}%": value for f, value in sorted(points.items())}
+                                  for name, points in efficiency.items()}
     figures["retrieval"] = retrieval_recall(demo.world / "dataset_coco.json", out / "retrieval_rankings_test.json")
     examples = demo.example_questions()
     answers = example_answers(demo.logs / "examples.log")
@@ -266,6 +333,7 @@ def write_report(demo: Demo, total_seconds: float) -> Path:
                                          "dual-stream (LXMERT)": demo.run_dir("pretrain-dual")},
                                         out / "pretraining_loss.png"),
         "vqa": plot_vqa(figures["vqa"], out / "vqa_accuracy.png"),
+        "data efficiency": plot_data_efficiency(efficiency, out / "data_efficiency.png"),
         "examples": plot_examples(demo, examples, answers, out / "examples.png"),
     }
     atomic_write_text(out / "figures.json", json.dumps(figures, indent=1))
@@ -273,10 +341,11 @@ def write_report(demo: Demo, total_seconds: float) -> Path:
     det = figures["detector"]
     summary_rows = [["detector mAP@0.5 (test)", f"{det['mAP@0.5']:.3f}"], ["detector mAP@[.5:.95] (test)",
                                                                            f"{det['mAP']:.3f}"]]
-    val = figures.get("detector_val", {})
-    if isinstance(val.get("attr_accuracy"), (int, float)):
-        summary_rows.append(["detector attribute accuracy (val; chance {:.2f})".format(val.get("attr_chance", 0.0)),
-                             f"{val['attr_accuracy']:.3f}"])
+    for key, split in (("detector_test", "test"), ("detector_val", "val")):
+        metrics = figures.get(key, {})
+        if isinstance(metrics.get("attr_accuracy"), (int, float)):
+            summary_rows.append([f"detector attribute accuracy ({split}; chance {metrics.get('attr_chance', 0.0):.2f})",
+                                 f"{metrics['attr_accuracy']:.3f}"])
     vqa_rows = []
     for name, label in VQA_RUNS.items():
         score = figures["vqa"][name]
@@ -284,10 +353,15 @@ def write_report(demo: Demo, total_seconds: float) -> Path:
         vqa_rows.append([label, f"{score['overall']:.2f}"] + [f"{per_type.get(t, float('nan')):.2f}"
                                                               for t in ("yes/no", "number", "other")])
     blind = figures["vqa_image_blind"]
-    question_types = sorted({t for score in figures["vqa"].values() for t in score["per_question_type"]})
-    type_rows = [[question_type] + [_with_blind(figures["vqa"][name], blind.get(name), question_type)
-                                    for name in VQA_RUNS] for question_type in question_types]
+    by_group = "per_group" if groups else "per_question_type"
+    kinds = list(dict.fromkeys(FAMILY_GROUPS.values())) if groups else \
+        sorted({t for score in figures["vqa"].values() for t in score["per_question_type"]})
+    type_rows = [[kind] + [_with_blind(figures["vqa"][name], blind.get(name), kind, by_group) for name in VQA_RUNS]
+                 for kind in kinds]
     type_rows.append(["overall"] + [_with_blind(figures["vqa"][name], blind.get(name)) for name in VQA_RUNS])
+    shares = sorted({f for points in efficiency.values() for f in points})
+    efficiency_rows = [[VQA_RUNS[name]] + [f"{points[f]:.1f}" if f in points else "-" for f in shares]
+                       for name, points in efficiency.items()]
     recall = figures["retrieval"]
     retrieval_rows = [[direction] + [f"{recall[f'{direction} R@{k}']:.1f}" for k in (1, 5, 10)]
                       for direction in ("text→image", "image→text")]
@@ -298,21 +372,28 @@ def write_report(demo: Demo, total_seconds: float) -> Path:
         answer, _, score = (answers[i] if i < len(answers) else "").rpartition(" ")
         qa_rows.append([str(e["image_id"]), e["question"], answer.strip() or "(none)", score,
                         truth.get(e["question_id"], "?")])
+    fraction_budget = ", ".join(f"{steps} on {fraction:.0%}" for fraction, steps in
+                                zip(cfg.data_fractions, cfg.fraction_steps))
 
     sections = [
         "# vl demo report",
         f"Seed {cfg.seed}; world of {cfg.train_images} train / {cfg.val_images} val / {cfg.test_images} test images "
-        f"at {cfg.size} px; {cfg.num_boxes} regions per image. Machine: {demo.machine()}. "
-        f"Total time {total_seconds / 60:.1f} min. Every figure below is measured on the test split, which no stage "
-        "trained on.",
+        f"at {cfg.size} px, {cfg.questions_per_image} questions each; {cfg.num_boxes} regions per image. Machine: "
+        f"{demo.machine()}. Total time {total_seconds / 60:.1f} min. Every figure below is measured on the test "
+        "split, which no stage trained on.",
         "## Detector\n\n" + _table(["metric", "value"], summary_rows),
         "## VQA accuracy (%), test split, official metric\n\n" + _table(
             ["model", "overall", "yes/no", "number", "other"], vqa_rows),
         f"Same fine-tuning budget for all four ({cfg.vqa_steps} steps); each pretrained model is compared with its "
         "own architecture trained from scratch. " + pretraining_recipe(demo),
-        "### By question type, with the image-blind control\n\nEach cell: accuracy on the real images (on other "
-        "images' regions, `vl predict vqa --shuffle-images`). Where the two are close, the model answers from the "
-        "question alone.\n\n" + _table(["question type", *VQA_RUNS.values()], type_rows),
+        "### By what the question asks, with the image-blind control\n\nEach cell: accuracy on the real images (on "
+        "other images' regions, `vl predict vqa --shuffle-images`). Where the two are close, the model answers from "
+        "the question alone.\n\n" + _table(["question" if groups else "question type", *VQA_RUNS.values()],
+                                          type_rows),
+        "### Data efficiency: fine-tuned on a share of the training questions\n\n"
+        + _table(["model", *[f"{100 * f:g}%" for f in shares]], efficiency_rows)
+        + f"\n\nThe same questions and budget for every model at each share ({fraction_budget} steps; all of them: "
+        f"{cfg.vqa_steps}).",
         "## Image-text retrieval (%), test split\n\n" + _table(["direction", "R@1", "R@5", "R@10"], retrieval_rows)
         + f"\n\nChance R@1 (text→image): {recall['chance text→image R@1']:.1f}%.",
         "## Plots\n\n" + "\n\n".join(f"![{name}]({path.name})" for name, path in plots.items() if path),

@@ -307,6 +307,8 @@ def hf_architecture(cfg: FusionConfig, heads: HeadsConfig) -> str:
     """
     if cfg.text.pre_ln:
         raise UserError("cannot export a pre-LN model: LXMERT and VisualBERT are post-LN")
+    if cfg.tags is not None:
+        raise UserError("cannot export a model with object tags (model.tags): LXMERT and VisualBERT read none")
     if cfg.text.activation not in OUR_TO_HF_ACTIVATION:
         raise UserError(f"cannot export activation '{cfg.text.activation}' as a Hugging Face hidden_act")
     region = cfg.region

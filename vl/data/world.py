@@ -11,6 +11,10 @@ learnable, deterministic by seed and written in exactly the formats real dataset
     OUT/dataset_coco.json                                  Karpathy split over all images (cocoid = image id)
     OUT/vqa/v2_OpenEnded_mscoco_{split}2014_questions.json VQA v2 questions
     OUT/vqa/v2_mscoco_{split}2014_annotations.json         VQA v2 annotations, 10 answers each
+    OUT/vqa/question_families_{split}2014.json             {"families": {question_id: family}}: what each question
+                                                           asks (color, shape, size, size_yes_no, count, exist,
+                                                           spatial_yes_no, spatial_choice), which VQA's question
+                                                           types (their first words) do not tell apart
     OUT/shards/{split}-{000000..N}.tar                     img2dataset-style webdataset shards
     OUT/text/corpus.txt                                    plain text of all splits: one sentence per line, a blank
                                                            line between documents (one per image: its captions,
@@ -111,6 +115,7 @@ class WorldPaths:
     - ``instances(split)``, ``captions(split)``: COCO instances / captions JSON;
     - ``scenes(split)``: the scene graphs (ground truth of every object);
     - ``vqa_questions(split)``, ``vqa_annotations(split)``: VQA v2 questions / annotations JSON;
+      ``question_families(split)``: what each question asks (``{"families": {question_id: family}}``);
     - ``shards(split)``: the shard tar files, sorted; ``shard_pattern(split)``: them in brace notation;
     - ``karpathy``: ``dataset_coco.json``; ``corpus``: ``text/corpus.txt`` (all splits);
       ``corpus_split(split)``: ``text/corpus_{split}.txt``; ``manifest``: ``world.json``.
@@ -160,6 +165,9 @@ class WorldPaths:
 
     def vqa_annotations(self, split: str) -> Path:
         return self.root / "vqa" / f"v2_mscoco_{_check_split(split)}2014_annotations.json"
+
+    def question_families(self, split: str) -> Path:
+        return self.root / "vqa" / f"question_families_{_check_split(split)}2014.json"
 
     def shards(self, split: str) -> list[Path]:
         return sorted(self.shards_dir.glob(f"{_check_split(split)}-[0-9][0-9][0-9][0-9][0-9][0-9].tar"))
@@ -294,6 +302,7 @@ _WORLD_FILE = re.compile(
     r"|images/(train|val|test)2014/COCO_(train|val|test)2014_\d{12}\.jpg"
     r"|annotations/(instances|captions)_(train|val|test)2014\.json|scenes/scenes_(train|val|test)2014\.json"
     r"|vqa/v2_(OpenEnded_mscoco_(train|val|test)2014_questions|mscoco_(train|val|test)2014_annotations)\.json"
+    r"|vqa/question_families_(train|val|test)2014\.json"
     r"|shards/(train|val|test)-\d{6}\.tar|text/corpus(_(train|val|test))?\.txt)"
     r"|(.*/)?\.[^/]+\.tmp")
 _WORLD_DIRS = ("images/train2014", "images/val2014", "images/test2014", "images", "annotations", "scenes", "vqa",
@@ -352,7 +361,7 @@ def generate_world(out: str | os.PathLike, cfg: WorldConfig, force: bool = False
     try:
         for split in SPLITS:
             coco_images, instances, captions_anns, scene_dicts = [], [], [], []
-            questions, vqa_anns, split_docs = [], [], []
+            questions, vqa_anns, split_docs, families = [], [], [], {}
             balancer = YesNoBalancer()
             shard_writer = _ShardWriter(paths.shards_dir, split, cfg.shard_size)
             try:
@@ -385,6 +394,7 @@ def generate_world(out: str | os.PathLike, cfg: WorldConfig, force: bool = False
                         question_id = scene.image_id * 1000 + k
                         questions.append({"image_id": scene.image_id, "question": question.text,
                                           "question_id": question_id})
+                        families[str(question_id)] = question.family
                         vqa_anns.append({"question_id": question_id, "image_id": scene.image_id,
                                          "question_type": question.question_type,
                                          "answer_type": question.answer_type,
@@ -417,6 +427,7 @@ def generate_world(out: str | os.PathLike, cfg: WorldConfig, force: bool = False
                                               "questions": questions}),
                 (paths.vqa_annotations(split), {"info": _INFO, "license": _LICENSES[0], "data_subtype": subtype,
                                                 "annotations": vqa_anns, "data_type": "mscoco"}),
+                (paths.question_families(split), {"families": families}),
             ]
             for path, obj in writes:
                 atomic_write_text(path, _json_text(obj))

@@ -88,6 +88,8 @@ class VqaConfig:
     max_regions: int = 100  # regions per image (the store's first ones)
     epochs: float = 0.0  # > 0: train.steps = ceil(epochs * training questions / batch); 0: train.steps as given
     eval_batch_size: int = 128
+    train_fraction: float = 1.0  # fine-tune on this share of the training questions (data-efficiency studies)
+    subset_seed: int = 0  # which questions a train_fraction keeps: the same seed keeps the same ones in every run
 
     def __post_init__(self):
         if self.min_answer_count < 1:
@@ -101,6 +103,8 @@ class VqaConfig:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.epochs < 0:
             raise ValueError(f"epochs must be >= 0, got {self.epochs}")
+        if not 0.0 < self.train_fraction <= 1.0:
+            raise ValueError(f"train_fraction must be in (0, 1], got {self.train_fraction}")
 
 
 @dataclass(frozen=True)
@@ -138,6 +142,20 @@ def load_vqa_finetune_config(path: str | os.PathLike | None, overrides: Sequence
 
 # --------------------------------------------------------------------------------------------------------------
 # Answer vocabulary and targets
+
+
+def question_subset(questions: Sequence[VqaQuestion], annotations: Sequence[VqaAnnotation], fraction: float,
+                    seed: int) -> tuple[list[VqaQuestion], list[VqaAnnotation]]:
+    """``fraction`` of the questions (at least one), drawn with ``seed`` and kept in file order, with their
+    annotations. The draw depends only on the question ids and the seed, so runs that share them fine-tune on
+    the same questions."""
+    if fraction >= 1.0:
+        return list(questions), list(annotations)
+    ids = sorted(question.question_id for question in questions)
+    keep_count = max(1, round(fraction * len(ids)))
+    kept = {ids[i] for i in np.random.default_rng(seed).permutation(len(ids))[:keep_count].tolist()}
+    return ([question for question in questions if question.question_id in kept],
+            [annotation for annotation in annotations if annotation.question_id in kept])
 
 
 def count_answers(annotations: Sequence[VqaAnnotation], counting: AnswerCounting = "multiple_choice") -> Counter:
@@ -354,6 +372,7 @@ def finetune_vqa(cfg: VqaFinetuneConfig, init: str, train_questions: str | os.Pa
     questions = read_vqa_questions(train_questions)
     annotations = read_vqa_annotations(train_annotations)
     check_questions_match(questions, annotations, train_questions, train_annotations)
+    questions, annotations = question_subset(questions, annotations, cfg.vqa.train_fraction, cfg.vqa.subset_seed)
     val_qs = read_vqa_questions(val_questions) if val_questions is not None else []
     val_anns = read_vqa_annotations(val_annotations) if val_annotations is not None else []
     if val_questions is not None:
@@ -409,8 +428,9 @@ def finetune_vqa(cfg: VqaFinetuneConfig, init: str, train_questions: str | os.Pa
         values.update({f"val_{name}": value for name, value in metrics["per_answer_type"].items()})
         return values
 
-    note(f"finetune vqa: {len(answers)} answers, {len(train_examples)} training and {len(val_examples)} validation "
-         f"questions, {train_cfg.steps} steps from {init_model.source}")
+    share = f" ({vcfg.train_fraction:.0%} of them)" if vcfg.train_fraction < 1.0 else ""
+    note(f"finetune vqa: {len(answers)} answers, {len(train_examples)} training{share} and {len(val_examples)} "
+         f"validation questions, {train_cfg.steps} steps from {init_model.source}")
     result = train(model, stream, train_cfg, out, run_config=run, evaluate=evaluate if val_examples else None,
                    loss_weights={"vqa": 1.0}, desc="finetune vqa")
     metrics: dict[str, Any] = {}

@@ -134,13 +134,17 @@ def _results_map(results: Mapping[int, str] | Sequence[Mapping[str, Any]]) -> di
 
 
 def evaluate_vqa(annotations: Sequence[VqaAnnotation],
-                 results: Mapping[int, str] | Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+                 results: Mapping[int, str] | Sequence[Mapping[str, Any]],
+                 groups: Mapping[int, str] | None = None) -> dict[str, Any]:
     """Official VQA accuracy of ``results`` (``{question_id: answer}`` or ``[{"question_id", "answer"}]``) against
     ``annotations`` (from ``read_vqa_annotations``). Like the official script, the results must answer exactly the
     annotated questions. Returns percentages::
 
         {"overall": 61.3, "per_answer_type": {"yes/no": ..., "number": ..., "other": ...},
          "per_question_type": {"how many": ..., ...}, "num_questions": N}
+
+    ``groups`` (question id -> a group name, any grouping of one's own) adds ``"per_group"``: the accuracy of each
+    group's questions (questions without a group are left out of it).
     """
     answers = _results_map(results)
     if not annotations:
@@ -157,18 +161,24 @@ def evaluate_vqa(annotations: Sequence[VqaAnnotation],
     per_question: list[float] = []
     by_answer_type: dict[str, list[float]] = defaultdict(list)
     by_question_type: dict[str, list[float]] = defaultdict(list)
+    by_group: dict[str, list[float]] = defaultdict(list)
     for ann in annotations:
         accuracy = vqa_accuracy(answers[ann.question_id], ann.answer_strings)
         per_question.append(accuracy)
         by_answer_type[ann.answer_type].append(accuracy)
         by_question_type[ann.question_type].append(accuracy)
+        if groups is not None and ann.question_id in groups:
+            by_group[groups[ann.question_id]].append(accuracy)
 
     def percent(values: list[float]) -> float:
         return 100.0 * sum(values) / len(values)
 
-    return {
+    metrics = {
         "overall": percent(per_question),
         "per_answer_type": {name: percent(values) for name, values in sorted(by_answer_type.items())},
         "per_question_type": {name: percent(values) for name, values in sorted(by_question_type.items())},
         "num_questions": len(per_question),
     }
+    if groups is not None:
+        metrics["per_group"] = {name: percent(values) for name, values in sorted(by_group.items())}
+    return metrics
