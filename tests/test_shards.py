@@ -95,6 +95,13 @@ def test_every_sample_once_per_epoch(shards, num_workers):
     assert sorted(seen) == sorted([i for i in range(40) for _ in range(2)])
 
 
+@pytest.mark.parametrize("bucket_pool", [0, 200])
+def test_shards_smaller_than_a_batch_fail_instead_of_waiting_forever(shards, bucket_pool):
+    cfg = StreamConfig(batch_size=100, shuffle_buffer=8, epochs=0, bucket_pool=bucket_pool)  # 80 samples
+    with pytest.raises(UserError, match="80 samples, fewer than one full batch of 100"):
+        collect(ShardStream(shards, cfg, ids_batch, seed=0, length_of=lambda record: 1), num_workers=0, steps=1)
+
+
 def test_resume_replays_exactly_with_workers(shards):
     cfg = StreamConfig(batch_size=4, shuffle_buffer=16, epochs=0)
     full = collect(ShardStream(shards, cfg, ids_batch, seed=1), num_workers=2, steps=30)

@@ -362,28 +362,39 @@ class ShardStream(IterableDataset):
         pending: list[CaptionRecord] = []
         pool_size = self.cfg.bucket_pool
         epoch, pool_number = 0, 0
+        samples = batches_made = 0  # this epoch's
         for next_epoch, record in self._records(worker, num_workers, faults, replaying):
             if record is not None:
                 pending.append(record)
+                samples += 1
                 faults.ok()
                 if pool_size:
                     if len(pending) >= pool_size:
                         rng = random.Random(f"{self.seed}-buckets-{epoch}-{self.rank}-{worker}-{pool_number}")
                         pool_number += 1
                         batches, pending = self._bucketed(pending, rng, final=False)
+                        batches_made += len(batches)
                         yield from batches
                 elif len(pending) >= self.cfg.batch_size:
+                    batches_made += 1
                     yield pending
                     pending = []
                 continue
             if pool_size:  # the epoch's end: flush the pool
                 rng = random.Random(f"{self.seed}-buckets-{epoch}-{self.rank}-{worker}-end")
                 batches, _ = self._bucketed(pending, rng, final=True)
+                batches_made += len(batches)
                 yield from batches
             elif pending and not self.cfg.drop_last:
+                batches_made += 1
                 yield pending
+            if batches_made == 0:  # every later epoch would be as empty: the stream would wait forever
+                raise UserError(f"rank {self.rank} worker {worker}: an epoch of the shards holds {samples} samples, "
+                                f"fewer than one full batch of {self.cfg.batch_size}; lower the batch size "
+                                f"(train.batch_size) or add data")
             pending = []
             epoch, pool_number = next_epoch, 0
+            samples = batches_made = 0
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
