@@ -129,3 +129,15 @@ def test_latest_progress_reads_the_last_bar_state():
            "\rpretrain:  20%|##        | 200/1000 [00:20<01:20, 9.9it/s, loss=1.5]")
     assert latest_progress(log) == "pretrain: 20% 200/1000 [00:20<01:20, 9.9it/s, loss=1.5]"
     assert latest_progress("no bar here\n") is None
+
+
+def test_example_grid_draws_one_box_per_object():
+    from vl.demo_report import one_box_per_object
+
+    detections = [{"bbox": [10, 10, 20, 20], "score": 0.9, "category_id": 1},
+                  {"bbox": [11, 10, 20, 20], "score": 0.6, "category_id": 2},  # the same object, another class
+                  {"bbox": [50, 50, 10, 10], "score": 0.7, "category_id": 2},
+                  {"bbox": [80, 80, 10, 10], "score": 0.3, "category_id": 3}]  # too unsure to draw
+    kept = one_box_per_object(detections)
+    assert [(d["category_id"], d["score"]) for d in kept] == [(1, 0.9), (2, 0.7)]
+    assert one_box_per_object([]) == []

@@ -212,6 +212,22 @@ def atomic_savefig(fig: Any, out: Path, **options: Any) -> None:
         raise
 
 
+def one_box_per_object(detections: list[dict[str, Any]], min_score: float = 0.5, iou: float = 0.5
+                       ) -> list[dict[str, Any]]:
+    """COCO detections of one image as a reader wants to see them: score >= ``min_score``, and of boxes that
+    overlap by more than ``iou`` (one object, several class hypotheses, which the mAP protocol keeps) the best."""
+    import torch
+    from torchvision.ops import nms
+
+    kept = [d for d in detections if d["score"] >= min_score]
+    if not kept:
+        return []
+    boxes = torch.tensor([d["bbox"] for d in kept], dtype=torch.float32).reshape(-1, 4)
+    boxes[:, 2:] += boxes[:, :2]  # x, y, w, h -> corners
+    order = nms(boxes, torch.tensor([d["score"] for d in kept], dtype=torch.float32), iou)
+    return [kept[i] for i in order.tolist()]
+
+
 def plot_examples(demo: Demo, examples: list[dict[str, Any]], answers: list[str], out: Path) -> Path:
     """A grid of held-out images with the detector's boxes and the question/answer pairs from ``vl vqa``."""
     import matplotlib
@@ -230,9 +246,7 @@ def plot_examples(demo: Demo, examples: list[dict[str, Any]], answers: list[str]
     for index, example in enumerate(examples):
         ax = axes[index // cols][index % cols]
         ax.imshow(Image.open(example["image"]).convert("RGB"))
-        for det in detections:
-            if det["image_id"] != example["image_id"] or det["score"] < 0.5:
-                continue
+        for det in one_box_per_object([d for d in detections if d["image_id"] == example["image_id"]]):
             x, y, w, h = det["bbox"]
             ax.add_patch(patches.Rectangle((x, y), w, h, fill=False, color="white", linewidth=1))
             ax.text(x, y - 1, f"{categories.get(det['category_id'], '?')} {det['score']:.2f}", color="white",
