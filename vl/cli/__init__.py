@@ -31,8 +31,17 @@ COMMAND_MODULES = [_tokenizer, _world, _convert, _pretrain_text, _finetune, _pre
                    _vqa, _serve, _demo]
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose usage errors are one line naming the bad input (the contract), not the usage
+    text; ``--help`` is unchanged. Subcommand parsers inherit the class."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message.splitlines()[0] if message else 'bad arguments'} "
+                     f"(see {self.prog} --help)\n")
+
+
 def build_parser(prog: str, modules, description: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser = OneLineParser(prog=prog, description=description)
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     subparsers.required = True
     for module in modules:
