@@ -134,11 +134,24 @@ def test_gradient_accumulation_matches_a_larger_batch(tmp_path):
     assert all(torch.allclose(big[key], accumulated[key], atol=1e-6) for key in big)
 
 
-def test_bf16_autocast_runs_on_cpu(tmp_path):
+class DtypeRecorder(Regression):
+    """The toy regression, recording the dtype its first layer computes in."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen: list[torch.dtype] = []
+        self.net[0].register_forward_hook(lambda module, args, out: self.seen.append(out.dtype))
+
+
+@pytest.mark.parametrize("precision, dtype", [("bf16", torch.bfloat16), ("fp32", torch.float32)])
+def test_precision_reaches_the_forward_pass_on_cpu(tmp_path, precision, dtype):
     seed_everything(0)
-    cfg = TrainConfig(steps=3, precision="bf16", log_every=1)
-    result = train(Regression(), ToyData(), cfg, tmp_path / "bf16", loss_weights={"mse": 1.0}, plot=False)
+    cfg = TrainConfig(steps=3, precision=precision, log_every=1)
+    model = DtypeRecorder()
+    result = train(model, ToyData(), cfg, tmp_path / precision, loss_weights={"mse": 1.0}, plot=False)
     assert all(torch.isfinite(torch.tensor(row["loss"])) for row in result.history)
+    assert model.seen and set(model.seen) == {dtype}  # bf16: the matmuls ran under autocast
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # the master weights stay fp32
 
 
 def test_schedules_and_weight_decay_groups():
