@@ -94,6 +94,9 @@ def extract_features(
     """
     if (images_dir is None) == (shards is None):
         raise UserError("give exactly one of --images DIR or --shards PATTERN")
+    if shards is not None and annotations is not None:
+        raise UserError("--annotations maps image files to ids and has no effect with --shards (a sample's id is "
+                        "its JSON image_id, else its key): drop --annotations")
     if batch_size < 1 or num_workers < 0:
         raise UserError("--batch-size must be >= 1 and --workers >= 0")
     problems = problems if problems is not None else ProblemLog()

@@ -408,3 +408,12 @@ def test_load_detector_from_torchvision_config(torchvision_reference, tmp_path):
     assert labels.categories[0] == {"id": 1, "name": "person"} and model.feature_dim == 1024
     with pytest.raises(UserError, match="no config.yaml"):
         load_detector(tmp_path)
+
+
+def test_extract_refuses_annotations_with_shards(tmp_path, capsys):
+    """--annotations maps file names to ids; with --shards it would be silently ignored, so it is refused."""
+    code = vl_regions(["extract", "--detector", str(tmp_path / "detector"), "--shards", str(tmp_path / "shards"),
+                       "--annotations", str(tmp_path / "instances.json"), "--out", str(tmp_path / "store")])
+    err = capsys.readouterr().err
+    assert code == 2 and "drop --annotations" in err and err.count("\n") == 1
+    assert not (tmp_path / "store").exists()
