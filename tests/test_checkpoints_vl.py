@@ -5,6 +5,7 @@ hidden states and head logits, export back and load into transformers again; BER
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -335,6 +336,29 @@ def test_convert_cli_round_trips(lxmert_dir, visualbert_dir, bert_dir, tmp_path,
     assert json.loads((tmp_path / "hf_bert" / "config.json").read_text())["model_type"] == "bert"
     with pytest.raises(UserError, match="text-only"):
         load_vl_checkpoint(tmp_path / "run_bert")
+
+
+def test_convert_carries_the_tokenizer_both_ways(lxmert_dir, tmp_path, capsys):
+    from transformers import AutoTokenizer
+
+    from vl.text.tokenizer import Tokenizer
+
+    path, _ = lxmert_dir
+    source = tmp_path / "hf_with_vocab"
+    shutil.copytree(path, source)
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "red", "circle", "##s", "?"]
+    (source / "vocab.txt").write_text("".join(f"{w}\n" for w in words))
+    run, back = tmp_path / "run", tmp_path / "hf_back"
+    assert vl_main(["convert", "--from-hf", str(source), "--out", str(run)]) == 0
+    assert "and the tokenizer" in capsys.readouterr().out
+    text = "a red circles?"
+    assert Tokenizer.from_dir(run).encode(text).ids == Tokenizer.from_dir(source).encode(text).ids
+    assert vl_main(["convert", str(run), "--to-hf", str(back)]) == 0
+    hf_tokenizer = AutoTokenizer.from_pretrained(str(back))
+    assert hf_tokenizer("a red circles?")["input_ids"] == [2, 5, 6, 7, 8, 9, 3]
+    # without a vocabulary the summary says so, and the conversion still succeeds
+    assert vl_main(["convert", "--from-hf", str(path), "--out", str(tmp_path / "bare")]) == 0
+    assert "no tokenizer was carried" in capsys.readouterr().out
 
 
 def test_convert_cli_errors(tmp_path, capsys):

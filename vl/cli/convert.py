@@ -21,6 +21,17 @@ def _check_out_dir(path: Path, names: tuple[str, ...], force: bool, flag: str) -
         raise UserError(f"{flag} {path} already holds {existing[0]}; pass --force to overwrite it")
 
 
+def _carry_tokenizer(source: Path, out: Path) -> str:
+    """Copy ``source``'s tokenizer (``vocab.txt`` + ``tokenizer_config.json``) into ``out``, both of them readable
+    here and by ``transformers``; returns what to add to the summary line."""
+    from vl.text.tokenizer import Tokenizer
+
+    if not (source / "vocab.txt").is_file():
+        return f"; {source} holds no vocab.txt, so no tokenizer was carried: pass --tokenizer where the result is used"
+    Tokenizer.from_dir(source).save(out)
+    return " and the tokenizer (vocab.txt, tokenizer_config.json)"
+
+
 def _from_hf(args: argparse.Namespace) -> int:
     from vl.checkpoints.hf_bert import load_hf_bert_model
     from vl.checkpoints.hf_vl import LXMERT_KIND, VISUALBERT_KIND, load_hf_vl_model
@@ -41,7 +52,8 @@ def _from_hf(args: argparse.Namespace) -> int:
     else:
         raise UserError(f"--from-hf {source}: checkpoint kind '{kind}' cannot be converted")
     save_vl_run(model, out)
-    print(f"wrote {out / WEIGHTS_FILE} and {out / CONFIG_FILE} from {what} "
+    carried = _carry_tokenizer(source, out)
+    print(f"wrote {out / WEIGHTS_FILE}, {out / CONFIG_FILE}{carried} from {what} "
           f"({sum(p.numel() for p in model.parameters()):,} parameters)")
     return 0
 
@@ -68,7 +80,8 @@ def _to_hf(args: argparse.Namespace) -> int:
         import json
 
         what = json.loads((out / "config.json").read_text())["architectures"][0]
-    print(f"wrote {out / 'model.safetensors'} and {out / 'config.json'} ({what})")
+    carried = _carry_tokenizer(run, out)
+    print(f"wrote {out / 'model.safetensors'}, {out / 'config.json'}{carried} ({what})")
     return 0
 
 
