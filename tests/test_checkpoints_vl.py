@@ -379,3 +379,35 @@ def test_convert_cli_errors(tmp_path, capsys):
     assert "cannot export" in capsys.readouterr().err
     reloaded = load_vl_run(tmp_path / "vilbert_run")
     assert reloaded.heads.region is not None and reloaded.cfg == model.cfg
+
+
+def test_text_core_starts_from_a_vision_language_checkpoint(lxmert_dir, visualbert_dir, tmp_path):
+    """vl pretrain-text / finetune --init take LXMERT and VisualBERT checkpoints (HF or ours): their language part."""
+    from vl.checkpoints.text_init import init_from_checkpoint, load_text_checkpoint
+    from vl.encoders.bert import BertPretrainingModel
+
+    ids = torch.tensor([[2, 17, 33, 41, 3]])
+    # VisualBERT (single-stream): the whole transformer reads text alone exactly as Hugging Face's model does
+    path, hf = visualbert_dir
+    checkpoint = load_text_checkpoint(path)
+    assert checkpoint.kind == "hf-visualbert" and checkpoint.cfg.num_layers == hf.config.num_hidden_layers
+    ours = BertPretrainingModel(checkpoint.cfg).eval()
+    init_from_checkpoint(ours, checkpoint)
+    with torch.no_grad():
+        expected = hf.visual_bert(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state
+        torch.testing.assert_close(ours.text_encoder(ids, torch.ones_like(ids)).hidden, expected, atol=1e-5, rtol=1e-5)
+    # LXMERT (dual-stream): the language layers, not the cross-modality ones; the same from our run directory
+    path, hf = lxmert_dir
+    run = tmp_path / "lxmert_run"
+    assert vl_main(["convert", "--from-hf", str(path), "--out", str(run)]) == 0
+    for source in (path, run):
+        checkpoint = load_text_checkpoint(source)
+        assert checkpoint.cfg.num_layers == hf.config.l_layers
+        ours = BertPretrainingModel(checkpoint.cfg)
+        missing = init_from_checkpoint(ours, checkpoint)
+        assert all(not key.startswith("text_encoder.encoder.") for key in missing)
+        for layer in range(hf.config.l_layers):
+            torch.testing.assert_close(ours.state_dict()[f"text_encoder.encoder.layers.{layer}.ffn.fc_out.weight"],
+                                       hf.lxmert.encoder.layer[layer].output.dense.weight)
+        torch.testing.assert_close(ours.state_dict()["text_encoder.embeddings.word_embeddings.weight"],
+                                   hf.lxmert.embeddings.word_embeddings.weight)

@@ -1,8 +1,13 @@
-"""Initialising the text core from any checkpoint a user brings: a run directory of ours or a Hugging Face BERT.
+"""Initialising the text core from any checkpoint a user brings: a run directory of ours (text or
+vision-language) or a Hugging Face BERT, LXMERT or VisualBERT.
 
 Used by continued pretraining (``vl pretrain-text --init``, DAPT/TAPT) and fine-tuning (``vl finetune --init``).
-Both kinds come back in ``BertPretrainingModel`` names (``text_encoder.*``, ``mlm.*``, ``nsp.*``) with the
+Every kind comes back in ``BertPretrainingModel`` names (``text_encoder.*``, ``mlm.*``, ``nsp.*``) with the
 encoder's ``TextEncoderConfig``; other tensors of a run (task heads, an ELECTRA generator) are left out.
+
+A vision-language checkpoint gives its language part: the text embeddings, then a single-stream model's shared
+layers (VisualBERT, UNITER: the whole transformer, which reads text alone as BERT does) or a dual-stream model's
+language layers (LXMERT, ViLBERT: the cross-modality layers need regions and are left out), and its MLM head.
 """
 
 from __future__ import annotations
@@ -25,7 +30,8 @@ BERT_PREFIXES = ("text_encoder.", "mlm.", "nsp.")
 
 @dataclass(frozen=True)
 class TextCheckpoint:
-    """A text checkpoint: its kind ("hf-bert" or "vl-run"), directory, encoder config, tensors in our names,
+    """A text checkpoint: its kind ("hf-bert", "hf-lxmert", "hf-visualbert" or "vl-run"), directory, encoder
+    config, tensors in our names,
     and the weights file they came from."""
 
     kind: str
@@ -57,15 +63,22 @@ def load_text_checkpoint(path: str | os.PathLike) -> TextCheckpoint:
 
         loaded = load_hf_bert(path, ignore_unknown=True)
         return TextCheckpoint(kind, path, loaded.cfg, dict(loaded.state_dict), Path(loaded.source))
+    if kind in ("hf-lxmert", "hf-visualbert"):
+        from vl.checkpoints.hf_vl import load_hf_vl
+
+        loaded_vl = load_hf_vl(path, ignore_unknown=True)
+        cfg, state_dict = language_part(loaded_vl.cfg, dict(loaded_vl.state_dict), path)
+        return TextCheckpoint(kind, path, cfg, state_dict, Path(loaded_vl.source))
     if kind != VL_RUN_KIND:
-        raise UserError(f"checkpoint {path} is a '{kind}' checkpoint; the text core starts from a BERT checkpoint "
-                        "or a text run directory")
+        raise UserError(f"checkpoint {path} is a '{kind}' checkpoint; the text core starts from a BERT, LXMERT or "
+                        "VisualBERT checkpoint or a run directory")
     from vl.checkpoints.vl_run import read_run_config
 
     cfg, _ = read_run_config(path)
     if not isinstance(cfg, TextEncoderConfig):
-        raise UserError(f"checkpoint {path} is a vision-language run; the text core starts from a BERT checkpoint "
-                        "or a text run directory")
+        weights_file = path / "model.safetensors"
+        cfg, state_dict = language_part(cfg, load_state_file(weights_file), path)
+        return TextCheckpoint(VL_RUN_KIND, path, cfg, state_dict, weights_file)
     config = read_yaml(path / "config.yaml")
     finetune = config.get("finetune")
     if isinstance(finetune, dict) and finetune.get("mode") == "adapters":
@@ -77,6 +90,33 @@ def load_text_checkpoint(path: str | os.PathLike) -> TextCheckpoint:
     if not any(key.startswith("text_encoder.") for key in state_dict):
         raise UserError(f"checkpoint {weights_file} holds no text_encoder.* tensors")
     return TextCheckpoint(VL_RUN_KIND, path, cfg, state_dict, weights_file)
+
+
+def language_part(cfg, tensors: dict[str, torch.Tensor], source: Path
+                  ) -> tuple[TextEncoderConfig, dict[str, torch.Tensor]]:
+    """A vision-language model's language part in ``BertPretrainingModel`` names (see the module docstring):
+    ``cfg`` its ``FusionConfig``, ``tensors`` its state dict in ``VLPretrainingModel`` names."""
+    if cfg.fusion == "single_stream":
+        layers = "fusion.encoder."
+    else:
+        if cfg.text.pre_ln:  # its one final LayerNorm follows the cross-modality layers, which are left out
+            raise UserError(f"checkpoint {source}: a pre-LN dual-stream model's language layers have no final norm "
+                            "of their own; start the text core from a post-LN model")
+        layers = "fusion.text_layers."
+    renames = (("fusion.text_embeddings.", "text_encoder.embeddings."),
+               (layers, "text_encoder.encoder." if cfg.fusion == "single_stream" else "text_encoder.encoder.layers."),
+               ("heads.mlm.", "mlm."))
+    state = {}
+    for key, value in tensors.items():
+        for old, new in renames:
+            if key.startswith(old):
+                state[new + key[len(old):]] = value
+    if cfg.fusion == "single_stream":
+        state.update({"text_encoder.pooler." + key[len("fusion.pooler."):]: value for key, value in tensors.items()
+                      if key.startswith("fusion.pooler.")})
+    if not any(key.startswith("text_encoder.encoder.") for key in state):
+        raise UserError(f"checkpoint {source} holds no language layers ({layers}*)")
+    return cfg.text, state
 
 
 def init_from_checkpoint(model: nn.Module, checkpoint: TextCheckpoint, prefixes: tuple[str, ...] = BERT_PREFIXES
