@@ -55,7 +55,7 @@ from tqdm.auto import tqdm
 from vl.progress import progress_bar
 
 from vl.checkpoints.io import load_into, load_state_file, save_weights
-from vl.atomic import atomic_directory
+from vl.atomic import atomic_directory, restore_aside
 from vl.config import atomic_write_text, save_config
 from vl.errors import UserError
 from vl.train.schedule import SCHEDULES, ScheduleName, build_scheduler
@@ -67,6 +67,7 @@ METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "loss.png"
 TRAIN_STATE_VERSION = 1
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+_ASIDE_DIR = re.compile(r"^\.(step-\d+)\.replaced-")  # vl.atomic's name for a replaced directory
 
 
 @dataclass(frozen=True)
@@ -229,6 +230,10 @@ def list_checkpoints(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
     root = Path(run_dir) / CHECKPOINTS_DIR
     if not root.is_dir():
         return []
+    for path in list(root.iterdir()):  # a replacement that a crash interrupted: its older version is put back
+        aside = _ASIDE_DIR.match(path.name)
+        if aside:
+            restore_aside(root / aside.group(1))
     found = []
     for path in root.iterdir():
         match = _STEP_DIR.match(path.name)
