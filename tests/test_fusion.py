@@ -264,3 +264,36 @@ def test_heads_shapes_and_tying(name):
     assert region["obj"].shape == (2, 1, 7) and region["feat"].shape == (2, 1, cfg.region.feature_dim)
     assert model.heads.answer(out.pooled).shape == (2, 5)
     assert set(model.state_dict()) == {k for k in model.state_dict() if k.startswith(("fusion.", "heads."))}
+
+
+def test_vilbert_whole_image_region_is_the_mean_region_and_stays_internal():
+    """ViLBERT's pooler reads a whole-image region (mean feature, whole-image box) that the model prepends itself:
+    the same as feeding that region by hand to the model without the option; callers see their real regions only."""
+    import dataclasses
+
+    from vl.fusion.base import OutputRows
+
+    torch.manual_seed(0)
+    cfg = load_fusion_config(CONFIGS / "vilbert-tiny.yaml")
+    assert cfg.region.image_token
+    model = build_fusion(cfg).eval()
+    plain = build_fusion(dataclasses.replace(cfg, region=dataclasses.replace(cfg.region, image_token=False))).eval()
+    plain.load_state_dict(model.state_dict())
+    batch = make_batch(cfg, [6, 3, 5], [2, 5, 3])
+    mask = batch["region_mask"].float()
+    mean = (batch["region_feats"] * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+    whole = torch.tensor([0.0, 0.0, 1.0, 1.0]).expand(3, 1, 4)  # the whole image
+    by_hand = {**batch, "region_feats": torch.cat([mean[:, None], batch["region_feats"]], 1),
+               "region_boxes": torch.cat([whole, batch["region_boxes"]], 1),
+               "region_mask": torch.cat([torch.ones(3, 1, dtype=batch["region_mask"].dtype), batch["region_mask"]], 1)}
+    with torch.no_grad():
+        ours, theirs = model(batch), plain(by_hand)
+        torch.testing.assert_close(ours.pooled, theirs.pooled)
+        assert ours.region_hidden.shape[1] == batch["region_feats"].shape[1]
+        torch.testing.assert_close(ours.region_hidden, theirs.region_hidden[:, 1:])
+        # restricted to a few region rows (heads at masked positions), the pooled output is the same
+        rows = torch.zeros_like(batch["region_mask"], dtype=torch.bool)
+        rows[:, 1] = True
+        restricted = model(batch, rows=OutputRows(regions=rows))
+        torch.testing.assert_close(restricted.pooled, ours.pooled, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(restricted.region_hidden[:, 1], ours.region_hidden[:, 1], atol=1e-5, rtol=1e-5)

@@ -63,6 +63,9 @@ class RegionConfig:
     type_embedding: Literal["none", "own", "text"] = "none"  # add a type embedding: own table or text's segments
     type_id: int = 1  # the type id of region tokens
     position_embedding: bool = False  # VisualBERT: a learned visual position table, read at index 0
+    # ViLBERT: a whole-image region first (the mean of the real regions' features, the whole image's box), which
+    # the region pooler reads; outside masking and the region objectives (dual-stream only)
+    image_token: bool = False
 
     @property
     def geometry_dim(self) -> int:

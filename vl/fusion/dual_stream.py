@@ -10,7 +10,9 @@ Two families are configurations of ``DualStreamModel`` (``cfg.cross.kind``):
 - ViLBERT ("coattention"): streams of different widths; before text layer t and vision layer v of every pair in
   ``cross.coattn_layers`` a co-attention block lets each stream attend to the other (separate weights per
   direction) and runs a feed-forward per stream. Pooled output: relu(Linear(text [CLS])) *
-  relu(Linear(first region)), the first region being the whole-image token.
+  relu(Linear(first region)), the first region being the whole-image token (``region.image_token``: the mean of
+  the image's region features, as given, so a masked region stays hidden, with the whole image's box). The token
+  is internal: ``region_hidden`` holds the real regions only, so masking and the region objectives never see it.
 
 With ``model.tags`` (Oscar) each region's object tag (``vl.encoders.tags``) is a token appended to the text stream,
 [text; tags], where the language layers bind question words to tags directly; or it is summed into its region's
@@ -19,9 +21,12 @@ token (``tags.placement: region``).
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import nn
 
+from vl.encoders.regions import box_geometry
 from vl.encoders.text import Pooler
 from vl.encoders.transformer import (
     Attention,
@@ -108,6 +113,26 @@ class CoAttentionBlock(nn.Module):
             region_queries, lambda h: self.vision_cross_attention(h, text, attn_mask=text_mask))  # (B, R, D_v)
         return (self.text_ffn_residual(text_attended, self.text_ffn),
                 self.vision_ffn_residual(regions_attended, self.vision_ffn))
+
+
+def with_image_token(inputs: dict[str, torch.Tensor | None], geometry: str) -> dict[str, torch.Tensor | None]:
+    """``read_batch``'s inputs with ViLBERT's whole-image region prepended: its feature the mean of the real regions'
+    features, its box the whole image in ``geometry``'s encoding; it carries no object tag."""
+    feats, mask = inputs["region_feats"], inputs["region_mask"]
+    batch = feats.shape[0]
+    weights = mask.to(feats.dtype) if mask is not None else feats.new_ones(feats.shape[:2])  # (B, R)
+    mean = (feats * weights[..., None]).sum(dim=1) / weights.sum(dim=1, keepdim=True).clamp_min(1.0)  # (B, D)
+    whole = box_geometry(feats.new_tensor([[[0.0, 0.0, 1.0, 1.0]]]), geometry).expand(batch, 1, -1)  # (B, 1, G)
+    out = dict(inputs)
+    out["region_feats"] = torch.cat([mean[:, None], feats], dim=1)
+    out["region_boxes"] = torch.cat([whole.to(inputs["region_boxes"].dtype), inputs["region_boxes"]], dim=1)
+    out["region_mask"] = torch.cat([weights.new_ones(batch, 1).to(mask.dtype), mask], dim=1) \
+        if mask is not None else None
+    for key in ("region_tag_ids", "region_tag_weights"):
+        if inputs.get(key) is not None:
+            value = inputs[key]
+            out[key] = torch.cat([value.new_zeros(batch, 1, *value.shape[2:]), value], dim=1)
+    return out
 
 
 class DualStreamModel(nn.Module):
@@ -212,12 +237,20 @@ class DualStreamModel(nn.Module):
     def forward(self, batch: dict[str, torch.Tensor], rows: OutputRows | None = None) -> VLOutput:
         """``rows``: compute the last layers at these positions only (see ``OutputRows`` and ``VLOutput``)."""
         inputs = read_batch(batch, self.cfg)
+        image_token = self.cfg.region.image_token
+        if image_token:
+            real_mask = inputs["region_mask"]
+            inputs = with_image_token(inputs, self.cfg.region.geometry)
         attention_mask, region_mask = inputs["attention_mask"], inputs["region_mask"]
         text = self.text_embeddings(inputs["input_ids"], inputs["token_type_ids"])  # (B, T, H_t)
         regions, tags = embed_regions(self.cfg, self.text_embeddings, self.region_embeddings, inputs,
                                       self.tags)  # (B, R, H_v), (B, R, H_t) or None
         num_text = text.shape[1]
-        rows = (rows or OutputRows()).with_first(text=True, regions=self.cfg.pooling == "product")
+        rows = rows or OutputRows()
+        if image_token and rows.regions is not None:  # the token's row is computed too (the pooler reads it)
+            rows = dataclasses.replace(rows, regions=torch.cat(
+                [rows.regions.new_ones(rows.regions.shape[0], 1), rows.regions], dim=1))
+        rows = rows.with_first(text=True, regions=self.cfg.pooling == "product")
         text_rows, stream_mask = rows.text, attention_mask
         if tags is not None:  # the tags join the text stream, visible where their regions are
             text = torch.cat([text, tags], dim=1)  # (B, T + R, H_t)
@@ -242,6 +275,10 @@ class DualStreamModel(nn.Module):
         tag_hidden = None
         if tags is not None:
             text_hidden, tag_hidden = text_hidden.split([num_text, tags.shape[1]], dim=1)  # (B, T, H_t), (B, R, H_t)
+        first_region = region_hidden[:, 0]  # (B, H_v): the whole-image token when there is one
+        if image_token:  # the caller sees its real regions only
+            region_hidden, region_mask = region_hidden[:, 1:], real_mask
+            tag_hidden = tag_hidden[:, 1:] if tag_hidden is not None else None
         if self.cfg.pooling == "text_cls":
             return VLOutput(
                 text_hidden=text_hidden,
@@ -252,6 +289,6 @@ class DualStreamModel(nn.Module):
                 tag_hidden=tag_hidden,
             )
         pooled_text = torch.relu(self.text_pooler(text_hidden[:, 0]))  # (B, H)
-        pooled_region = torch.relu(self.vision_pooler(region_hidden[:, 0]))  # (B, H)
+        pooled_region = torch.relu(self.vision_pooler(first_region))  # (B, H)
         return VLOutput(text_hidden=text_hidden, region_hidden=region_hidden, pooled=pooled_text * pooled_region,
                         pooled_text=pooled_text, pooled_region=pooled_region, tag_hidden=tag_hidden)
