@@ -110,9 +110,6 @@ def read_instances(path: str | os.PathLike, what: str = "COCO instances file", r
     return CocoInstances(str(path), list(images.values()), categories, has_attributes)
 
 
-_TRAILING_NUMBER = re.compile(r"(\d+)$")
-
-
 def file_id_map(instances: CocoInstances | None) -> dict[str, int | str]:
     """``file_name`` -> image id, keyed by the file name as written and by its base name."""
     mapping: dict[str, int | str] = {}
@@ -122,26 +119,6 @@ def file_id_map(instances: CocoInstances | None) -> dict[str, int | str]:
         mapping.setdefault(Path(image.file_name).name, image.image_id)
         mapping[image.file_name] = image.image_id
     return mapping
-
-
-def image_id_for(path: str | os.PathLike, root: str | os.PathLike | None, file_ids: dict[str, int | str]) -> int | str:
-    """The image id of ``path`` by CLI.md's rule: the annotations' ``file_name`` -> ``id`` (matched as the path
-    relative to ``root``, then by base name), else the trailing number of the file stem, else the stem."""
-    path = Path(path)
-    if file_ids:
-        if root is not None:
-            try:
-                relative = path.relative_to(root).as_posix()
-            except ValueError:
-                relative = None
-            if relative is not None and relative in file_ids:
-                return file_ids[relative]
-        if path.name in file_ids:
-            return file_ids[path.name]
-    match = _TRAILING_NUMBER.search(path.stem)
-    if match:
-        return int(match.group(1))
-    return path.stem
 
 
 # "left"/"right" as a word or a word's head ("leftmost", "right-hand"), never inside a word ("bright", "upright").

@@ -49,7 +49,7 @@ from typing import Any
 import numpy as np
 from vl.progress import progress_bar
 
-from region_features.images import ProblemLog, image_id_from_name
+from region_features.images import ProblemLog
 from region_features.store import (
     DEFAULT_SHARD_BYTES,
     FeatureStore,
@@ -58,6 +58,7 @@ from region_features.store import (
     normalize_image_id,
     read_header,
 )
+from vl.data.formats import image_id_from_filename
 from vl.errors import UserError
 
 LXMERT_FIELDNAMES = (
@@ -100,7 +101,7 @@ class _BadInput(Exception):
 
 def _import_id(raw: Any, keep_ids: bool) -> ImageId:
     if isinstance(raw, str) and not keep_ids:
-        return image_id_from_name(raw) if raw else raw
+        return image_id_from_filename(raw) if raw else raw
     return raw if isinstance(raw, str) else normalize_image_id(raw)
 
 

@@ -25,12 +25,13 @@ from typing import Any, Literal
 import torch
 from vl.progress import progress_bar
 
-from region_features.coco import file_id_map, image_id_for, read_instances
+from region_features.coco import file_id_map, read_instances
 from region_features.detector import BoxSelection, RegionDetector
 from region_features.images import ProblemLog, list_images
 from region_features.pipeline import DetectorLabels, ImageFileDataset, ShardImageDataset, batches_of, to_original
 from region_features.store import FeatureStoreWriter
 from region_features.train import load_detector
+from vl.data.formats import image_id_for
 from vl.errors import UserError
 from vl.precision import autocast, resolve_precision
 

@@ -18,7 +18,6 @@ the end of a run. ``list_images`` walks a directory tree in sorted order, warnin
 from __future__ import annotations
 
 import os
-import re
 import sys
 import threading
 import warnings
@@ -307,21 +306,6 @@ def list_images(
     walk(root, "")
     found.sort(key=lambda item: item[0])
     return [path for _, path in found]
-
-
-_TRAILING_NUMBER = re.compile(r"(\d+)$")
-
-
-def image_id_from_name(name: str | os.PathLike) -> int | str:
-    """The image id of a file name by the CLI rule: the trailing number of its stem, else the stem.
-
-    ``COCO_val2014_000000000042.jpg`` -> 42, ``cat.png`` -> ``"cat"``. (A COCO JSON mapping, rule 1, is the caller's.)
-    """
-    stem = Path(name).stem
-    match = _TRAILING_NUMBER.search(stem)
-    if match and len(match.group(1)) <= 18:
-        return int(match.group(1))
-    return stem
 
 
 # ---------------------------------------------------------------------------------------------------------- dataset

@@ -186,7 +186,7 @@ class ShardImageDataset(IterableDataset):
                 meta = meta if isinstance(meta, dict) else {}
             except (ValueError, UnicodeDecodeError):
                 meta = {}
-        image_id = image_id_of(Path(key).name, meta)
+        image_id = image_id_of(key, meta)  # the webdataset key, as vl pretrain reads it
         if self.skip is not None and self.skip(image_id):
             return
         ext = next((e for e in SHARD_IMAGE_EXTENSIONS if e in members), None)

@@ -384,6 +384,30 @@ def test_extract_from_shards_with_workers(trained_run, world, tmp_path):
     np.testing.assert_array_equal(with_workers[some_id]["features"], store[some_id]["features"])
 
 
+def test_shard_keys_in_subfolders_give_the_ids_pretraining_reads(trained_run, world, tmp_path):
+    """Without a JSON image_id a sample's id is its webdataset key, subfolders included, in vl-regions extract
+    --shards (here with worker processes) as in vl pretrain's reader: every caption finds its features."""
+    import io
+    import tarfile
+
+    from vl.data.shards import FaultCounter, read_shard_records
+
+    shard = tmp_path / "nested-000000.tar"
+    sources = sorted(Path(world.images_dir("val")).iterdir())[:3]
+    with tarfile.open(shard, "w") as tar:
+        for index, source in enumerate(sources):
+            for name, data in ((f"part{index % 2}/sample{index}.jpg", source.read_bytes()),
+                               (f"part{index % 2}/sample{index}.txt", b"a red circle")):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    store = _extract(trained_run["run"], tmp_path / "nested", "--shards", str(shard), "--num-boxes", "2",
+                     "--workers", "2")
+    captions = list(read_shard_records(str(shard), "txt", FaultCounter(10, "test")))
+    assert len(captions) == 3 and all(record.image_id in store for record in captions)
+    assert sorted(store.ids()) == sorted(["part0/sample0", "part1/sample1", "part0/sample2"])
+
+
 def test_extract_survives_bad_images(trained_run, world, tmp_path, capsys):
     images = tmp_path / "images"
     images.mkdir()

@@ -16,10 +16,10 @@ from region_features.images import (
     ImageWarning,
     ProblemLog,
     collate_image_items,
-    image_id_from_name,
     list_images,
     load_image,
 )
+from vl.data.formats import image_id_from_filename
 from vl.errors import UserError
 
 
@@ -170,16 +170,16 @@ def test_problem_log_limits_and_summary(capsys):
 
 
 def test_image_ids_from_file_names():
-    assert image_id_from_name("COCO_val2014_000000000042.jpg") == 42
-    assert image_id_from_name("photos/cat.png") == "cat"
-    assert image_id_from_name("img7.jpeg") == 7
-    assert image_id_from_name("COCO_val2014_000000000042") == 42
+    assert image_id_from_filename("COCO_val2014_000000000042.jpg") == 42
+    assert image_id_from_filename("photos/cat.png") == "cat"
+    assert image_id_from_filename("img7.jpeg") == 7
+    assert image_id_from_filename("COCO_val2014_000000000042") == 42
 
 
 def test_dataset_in_dataloader_workers_keeps_lists_and_warnings(bad_images):
     folder, files = bad_images
     good = save(Image.new("RGB", (32, 24), (10, 200, 10)), folder / "COCO_x_000000000005.jpg")
-    items = [(image_id_from_name(path), path) for path in list_images(folder) if path.name != "wide.png"]
+    items = [(image_id_from_filename(path), path) for path in list_images(folder) if path.name != "wide.png"]
     dataset = ImageFileDataset(items, max_side=64, transform=lambda image: torch.from_numpy(np.asarray(image).copy()))
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=3, num_workers=2, collate_fn=collate_image_items, multiprocessing_context="fork"

@@ -10,7 +10,8 @@ define are ignored, so the real files (COCO 2014, Karpathy's ``dataset_coco.json
 - ``read_karpathy(path, split=None) -> list[KarpathyImage]``: image id = ``cocoid`` when present, else ``imgid``.
 - ``read_vqa_questions(path) -> list[VqaQuestion]``, ``read_vqa_annotations(path) -> list[VqaAnnotation]``,
   ``read_vqa_results(path) -> dict[question_id, answer]``.
-- ``image_id_from_filename(name)`` and ``image_ids_for_dir(directory, annotations=None)``: the image-id rule.
+- ``image_id_for(path, root, file_ids)``, ``image_id_from_filename(name)`` and ``image_ids_for_dir(directory,
+  annotations=None)``: the image-id rule (the one copy; ``region_features`` uses it too).
 """
 
 from __future__ import annotations
@@ -463,12 +464,35 @@ def check_questions_match(questions: list[VqaQuestion], annotations: list[VqaAnn
 # Image ids
 
 
+_TRAILING_NUMBER = re.compile(r"(\d+)$")
+
+
 def image_id_from_filename(name: str | os.PathLike) -> int | str:
-    """The image id of a file by name: the trailing number of its stem (COCO's ``COCO_val2014_000000000042.jpg``
-    is 42), else the stem itself (``cat.jpg`` is ``"cat"``)."""
+    """The image id of a file by name (CLI.md's rules 2 and 3): the trailing number of its stem (COCO's
+    ``COCO_val2014_000000000042.jpg`` is 42), else the stem itself (``cat.jpg`` is ``"cat"``). A number too long for
+    a 64-bit id (over 18 digits) stays part of the stem."""
     stem = Path(name).stem
-    match = re.search(r"(\d+)$", stem)
-    return int(match.group(1)) if match else stem
+    match = _TRAILING_NUMBER.search(stem)
+    return int(match.group(1)) if match and len(match.group(1)) <= 18 else stem
+
+
+def image_id_for(path: str | os.PathLike, root: str | os.PathLike | None, file_ids: dict[str, int | str]
+                 ) -> int | str:
+    """The image id of the file ``path`` by CLI.md's rule, the one every command uses: the annotations'
+    ``file_name`` -> ``id`` (``file_ids``; matched as the path relative to ``root``, then by base name), else
+    ``image_id_from_filename``."""
+    path = Path(path)
+    if file_ids:
+        if root is not None:
+            try:
+                relative = path.relative_to(root).as_posix()
+            except ValueError:
+                relative = None
+            if relative is not None and relative in file_ids:
+                return file_ids[relative]
+        if path.name in file_ids:
+            return file_ids[path.name]
+    return image_id_from_filename(path.name)
 
 
 def _annotation_file_ids(path: str | os.PathLike) -> dict[str, int]:
@@ -498,13 +522,7 @@ def image_ids_for_dir(directory: str | os.PathLike, annotations: str | os.PathLi
     ids: dict[Path, int | str] = {}
     owner: dict[int | str, Path] = {}
     for file in files:
-        relative = file.relative_to(directory).as_posix()
-        if relative in by_name:
-            image_id: int | str = by_name[relative]
-        elif file.name in by_name:
-            image_id = by_name[file.name]
-        else:
-            image_id = image_id_from_filename(file.name)
+        image_id = image_id_for(file, directory, by_name)
         if image_id in owner:
             raise UserError(f"--images {directory}: {owner[image_id].name} and {file.name} both have image id "
                             f"{image_id!r}")
