@@ -190,6 +190,14 @@ def test_pretrain_text_command_writes_a_loadable_run(world, tmp_path, capsys):
                  "--out", str(dapt), "--init", str(run), "--set", "train.steps=2", "--set", "data.max_len=32",
                  "--set", "train.batch_size=4"]) == 0
     assert (dapt / "vocab.txt").read_text() == (run / "vocab.txt").read_text()
+    # the --init weights are what it starts from: with a vanishing learning rate they come out unchanged
+    frozen = tmp_path / "dapt_lr0"
+    assert main(["pretrain-text", "--config", "configs/text-bert-tiny.yaml", "--text", str(world.corpus_split("val")),
+                 "--out", str(frozen), "--init", str(run), "--set", "train.steps=2", "--set", "data.max_len=32",
+                 "--set", "train.batch_size=4", "--set", "train.lr=1e-30", "--set", "train.warmup_steps=0"]) == 0
+    start, end = load_state_file(run / "model.safetensors"), load_state_file(frozen / "model.safetensors")
+    encoder = [key for key in start if key.startswith("text_encoder.encoder.")]
+    assert encoder and all(torch.allclose(start[key], end[key], rtol=0, atol=1e-20) for key in encoder)
     capsys.readouterr()
 
 
