@@ -279,3 +279,22 @@ def test_cli_errors_name_the_input(world, retrieval_run, tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and "error:" in err and expected in err, (argv, err)
     assert not (tmp_path / "R.json").exists()
+
+
+@pytest.mark.parametrize("mode", ["frozen", "adapters"])
+def test_modes_keep_the_fusion_model_fixed_and_the_run_evaluates(world, retrieval_run, tmp_path, mode):
+    from vl.checkpoints.io import load_state_file
+
+    run, store = retrieval_run
+    out = tmp_path / mode
+    assert main(["finetune", "retrieval", "--init", str(run), "--config", str(CONFIGS / "finetune-retrieval-tiny.yaml"),
+                 "--karpathy", str(world.karpathy), "--features", str(store), "--out", str(out), "--mode", mode,
+                 "--set", "train.steps=2", "--set", "train.batch_size=8", "--set", "finetune.adapter_size=8"]) == 0
+    before, after = load_state_file(run / "model.safetensors"), load_state_file(out / "model.safetensors")
+    fixed = [key for key in before if key.startswith("fusion.")
+             and (mode == "frozen" or not key.endswith(("norm.weight", "norm.bias")))]
+    assert fixed and all(torch.equal(before[key], after[key]) for key in fixed)
+    assert any(".adapter." in key for key in after) == (mode == "adapters")
+    rankings = tmp_path / f"{mode}.json"
+    assert main(["evaluate", "retrieval", "--run", str(out), "--karpathy", str(world.karpathy), "--split", "test",
+                 "--features", str(store), "--out", str(rankings)]) == 0

@@ -325,3 +325,56 @@ def test_cli_errors_name_the_input(world, vqa_run, tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and "error:" in err and expected in err, (argv, err)
     assert not (tmp_path / "r.json").exists()
+
+
+def _finetune_from(world, init, store, out, *extra):
+    return main(["finetune", "vqa", "--init", str(init), "--config", str(CONFIGS / "finetune-vqa-tiny.yaml"),
+                 "--train-questions", str(world.vqa_questions("train")),
+                 "--train-annotations", str(world.vqa_annotations("train")),
+                 "--features", str(store), "--out", str(out), "--set", "train.steps=3", "--set",
+                 "train.batch_size=16", *extra])
+
+
+def test_frozen_mode_leaves_the_fusion_model_bit_identical(world, vqa_run, tmp_path):
+    from vl.checkpoints.io import load_state_file
+
+    run, store = vqa_run
+    assert _finetune_from(world, run, store, tmp_path / "frozen", "--mode", "frozen") == 0
+    before = load_state_file(run / "model.safetensors")
+    after = load_state_file(tmp_path / "frozen" / "model.safetensors")
+    fusion = [key for key in before if key.startswith("fusion.")]
+    assert fusion and all(torch.equal(before[key], after[key]) for key in fusion)
+    assert any(key.startswith("heads.answer.") for key in after)
+    assert yaml_mode(tmp_path / "frozen") == "frozen"
+
+
+def test_adapters_mode_trains_only_adapters_norms_and_heads(world, vqa_run, tmp_path):
+    from vl.checkpoints.io import load_state_file
+
+    run, store = vqa_run
+    out = tmp_path / "adapters"
+    assert _finetune_from(world, run, store, out, "--mode", "adapters", "--set", "finetune.adapter_size=8") == 0
+    before, after = load_state_file(run / "model.safetensors"), load_state_file(out / "model.safetensors")
+    adapters = [key for key in after if ".adapter." in key]
+    assert adapters and any(key.endswith("up.weight") and after[key].abs().sum() > 0 for key in adapters)  # trained
+    fixed = [key for key in before if key.startswith("fusion.") and ".norm." not in key and "norm.weight" not in key
+             and not key.endswith(("norm.bias",))]
+    assert fixed and all(torch.equal(before[key], after[key]) for key in fixed)
+    # the run loads back with its adapters and answers questions
+    results = tmp_path / "results.json"
+    assert main(["predict", "vqa", "--run", str(out), "--questions", str(world.vqa_questions("val")),
+                 "--features", str(store), "--out", str(results)]) == 0
+    assert json.loads(results.read_text())
+
+
+def test_scalar_mix_mode_is_refused_in_one_line(world, vqa_run, tmp_path, capsys):
+    run, store = vqa_run
+    assert _finetune_from(world, run, store, tmp_path / "mix", "--mode", "scalar-mix") == 2
+    err = capsys.readouterr().err
+    assert "scalar-mix" in err and "frozen or adapters" in err and err.count("\n") == 1
+
+
+def yaml_mode(run) -> str:
+    import yaml
+
+    return yaml.safe_load((run / "config.yaml").read_text())["finetune"]["mode"]

@@ -28,7 +28,7 @@ INIT_HELP = ("checkpoint to start from: a vl pretrain run, a VQA / retrieval run
 def _finetune_vqa(args: argparse.Namespace) -> int:
     from vl.tasks.vqa import finetune_vqa, load_vqa_finetune_config
 
-    cfg = load_vqa_finetune_config(args.config, args.set or [])
+    cfg = load_vqa_finetune_config(args.config, _overrides(args))
     result, metrics = finetune_vqa(cfg, args.init, args.train_questions, args.train_annotations, args.val_questions,
                                    args.val_annotations, args.features, args.out, args.tokenizer)
     shown = ""
@@ -60,7 +60,7 @@ def _evaluate_vqa(args: argparse.Namespace) -> int:
 def _finetune_retrieval(args: argparse.Namespace) -> int:
     from vl.tasks.retrieval import finetune_retrieval, format_report, load_retrieval_finetune_config
 
-    cfg = load_retrieval_finetune_config(args.config, args.set or [])
+    cfg = load_retrieval_finetune_config(args.config, _overrides(args))
     result, report = finetune_retrieval(cfg, args.init, args.karpathy, args.features, args.out, args.tokenizer)
     print(f"finetune retrieval: {Path(args.out)} at step {result.step}")
     if report:
@@ -80,12 +80,20 @@ def _evaluate_retrieval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _overrides(args: argparse.Namespace) -> list[str]:
+    """``--set`` pairs, then ``--mode`` as ``finetune.mode``."""
+    return [*(args.set or []), *([f"finetune.mode={args.mode}"] if args.mode is not None else [])]
+
+
 def _add_config_flags(parser: argparse.ArgumentParser, example: str) -> None:
     parser.add_argument("--config", metavar="F", help=f"YAML with model: (scratch / BERT inits), task and train: "
                                                       f"sections (e.g. {example})")
     parser.add_argument("--set", action="append", metavar="K=V", help="override a config value (repeatable)")
     parser.add_argument("--tokenizer", metavar="DIR", help="tokenizer directory with vocab.txt (default: --init's; "
                                                           "scratch: trained on the training texts)")
+    parser.add_argument("--mode", choices=("full", "frozen", "adapters", "scalar-mix"),
+                        help="what trains (overrides finetune.mode; default full): frozen trains the heads only, "
+                             "adapters the adapters, LayerNorms and heads; scalar-mix is refused (text tasks only)")
 
 
 def add_finetune_parsers(tasks: argparse._SubParsersAction) -> None:

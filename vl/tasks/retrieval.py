@@ -66,6 +66,10 @@ from vl.fusion.pretraining import HeadsConfig, VLHeads
 from vl.objectives.itm import hardest_wrong_pairs, match_scores, pair_batch, sampled_wrong_pairs, score_all_pairs
 from vl.tasks.vl_finetune import (
     SCRATCH,
+    KeepsFrozenFusionInEval,
+    VLFinetuneMode,
+    add_mode_modules,
+    apply_mode,
     check_store,
     encode_texts,
     missing_images,
@@ -150,6 +154,7 @@ class RetrievalFinetuneConfig:
     retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     tokenizer: str | None = None
+    finetune: VLFinetuneMode = field(default_factory=VLFinetuneMode)
 
 
 @dataclass(frozen=True)
@@ -164,6 +169,7 @@ class RetrievalRun:
     init: str = SCRATCH
     features: str = ""
     karpathy: str = ""
+    finetune: VLFinetuneMode = field(default_factory=VLFinetuneMode)
 
 
 def load_retrieval_finetune_config(path: str | os.PathLike | None,
@@ -218,7 +224,7 @@ def contrastive_loss(text_emb: torch.Tensor, image_emb: torch.Tensor, logit_scal
     return (loss_t2i + loss_i2t) / 2, accuracy
 
 
-class RetrievalModel(nn.Module):
+class RetrievalModel(KeepsFrozenFusionInEval, nn.Module):
     """``fusion`` + ``heads.itm`` + ``contrastive`` (see the module docstring).
 
     ``embed_texts(text batch)`` / ``embed_images(region batch)`` -> (B, E) first-stage embeddings;
@@ -741,11 +747,12 @@ def finetune_retrieval(cfg: RetrievalFinetuneConfig, init: str, karpathy: str | 
     model = RetrievalModel(fusion, rcfg, init_model.model.heads.itm)
     if init_model.model.heads.itm is None:
         note(f"--init {init_model.source} has no ITM head; it starts fresh")
+    trainable = apply_mode(model, cfg.finetune)
     token_ids = encode_texts(tokenizer, train_split.texts, rcfg.max_text_len)
     train_cfg = steps_for_epochs(cfg.train, rcfg.epochs, len(train_split.image_ids))
     run = RetrievalRun(task=TASK_NAME, model=fusion.cfg, heads=RetrievalModel.heads_config(), retrieval=rcfg,
                        train=train_cfg, init=init_model.source, features=str(Path(features).resolve()),
-                       karpathy=str(Path(karpathy).resolve()))
+                       karpathy=str(Path(karpathy).resolve()), finetune=cfg.finetune)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer.save(out)
     from vl.data.text_pretrain import TextBatchStream
@@ -770,7 +777,8 @@ def finetune_retrieval(cfg: RetrievalFinetuneConfig, init: str, karpathy: str | 
 
     note(f"finetune retrieval: {len(train_split.image_ids)} training images ({len(train_split.texts)} captions), "
          f"{len(val_split.image_ids) if val_split else 0} validation images, {train_cfg.steps} steps from "
-         f"{init_model.source}")
+         f"{init_model.source}, mode {cfg.finetune.mode} "
+         f"({sum(p.numel() for n, p in model.named_parameters() if n in trainable):,} trainable parameters)")
     result = train(model, stream, train_cfg, out, run_config=run, evaluate=evaluate if val_split else None,
                    loss_weights={"itm": rcfg.itm_weight, "contrastive": rcfg.contrastive_weight},
                    desc="finetune retrieval")
@@ -800,7 +808,9 @@ def load_retrieval_run(run_dir: str | os.PathLike) -> tuple[RetrievalModel, Retr
     weights = run_dir / "model.safetensors"
     if not weights.is_file():
         raise UserError(f"--run {run_dir} has no model.safetensors (did its training finish?)")
-    model = RetrievalModel(build_fusion(run.model), run.retrieval)
+    fusion = build_fusion(run.model)
+    add_mode_modules(fusion, run.finetune)
+    model = RetrievalModel(fusion, run.retrieval)
     load_into(model, load_state_file(weights), weights)
     model.eval()
     return model, run, Tokenizer.from_dir(run_dir)

@@ -17,6 +17,11 @@ Batches follow the fusion batch contract (``vl.fusion.base``): ``input_ids``, ``
 ``token_type_ids`` (B, T); ``region_feats`` (B, R, D) float32; ``region_boxes`` (B, R, 4) normalised x1, y1, x2, y2
 (the model expands them to its box geometry); ``region_mask`` (B, R). R is the batch's largest region count
 (at least 1); an image without regions has an all-zero mask.
+
+What trains (``finetune.mode``, ``--mode``), as for the text tasks: ``full`` (everything), ``frozen`` (the fusion
+model is frozen and kept in eval mode; the task heads train), ``adapters`` (bottleneck adapters in every fusion
+layer, with the LayerNorms and the task heads; the rest frozen), so that one pretrained model serves many tasks.
+``scalar-mix`` is a text-encoder mode and is refused: the fusion models give their last layer only.
 """
 
 from __future__ import annotations
@@ -42,6 +47,58 @@ from vl.fusion.pretraining import HeadsConfig, VLPretrainingModel, build_pretrai
 from vl.text.tokenizer import Tokenizer
 
 SCRATCH = "scratch"
+VL_MODES = ("full", "frozen", "adapters")
+
+
+@dataclass(frozen=True)
+class VLFinetuneMode:
+    """The ``finetune:`` section of a VQA / retrieval config: what trains (module docstring)."""
+
+    mode: str = "full"
+    adapter_size: int = 64  # adapters: bottleneck width
+
+    def __post_init__(self):
+        if self.mode == "scalar-mix":
+            raise ValueError("finetune.mode scalar-mix mixes a text encoder's layers, and the fusion models give their "
+                             "last layer only: use frozen or adapters")
+        if self.mode not in VL_MODES:
+            raise ValueError(f"finetune.mode must be one of {', '.join(VL_MODES)}, got {self.mode!r}")
+        if self.adapter_size < 1:
+            raise ValueError(f"finetune.adapter_size must be positive, got {self.adapter_size}")
+
+
+class KeepsFrozenFusionInEval:
+    """Mixin for task models: with ``frozen_fusion`` set, ``train()`` leaves the fusion model in eval mode."""
+
+    frozen_fusion = False
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.frozen_fusion:
+            self.fusion.eval()
+        return self
+
+
+def add_mode_modules(fusion: torch.nn.Module, mode: VLFinetuneMode) -> None:
+    """Add the modules ``mode`` puts into the fusion model (adapters), before its weights are loaded or trained."""
+    if mode.mode == "adapters":
+        from vl.encoders.adapters import add_adapters
+
+        add_adapters(fusion, mode.adapter_size, fusion.cfg.text.activation)
+
+
+def apply_mode(model: torch.nn.Module, mode: VLFinetuneMode) -> list[str]:
+    """Add ``mode``'s modules to ``model.fusion`` and freeze what it keeps fixed (``model``: a task model with a
+    ``fusion`` attribute); returns the trainable parameter names."""
+    add_mode_modules(model.fusion, mode)
+    if mode.mode == "frozen":
+        model.fusion.requires_grad_(False)
+        model.frozen_fusion = True  # the task model keeps it in eval mode (deterministic features)
+    elif mode.mode == "adapters":
+        from vl.encoders.adapters import freeze_all_but_adapters
+
+        freeze_all_but_adapters(model.fusion)
+    return [name for name, parameter in model.named_parameters() if parameter.requires_grad]
 
 
 def note(message: str) -> None:

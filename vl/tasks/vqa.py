@@ -52,9 +52,11 @@ from vl.fusion import build_fusion
 from vl.fusion.base import FusionConfig
 from vl.fusion.pretraining import HeadsConfig, VLHeads
 from vl.tasks.vl_finetune import (
-    SCRATCH,
+    add_mode_modules,
+    apply_mode,
     check_store,
     encode_texts,
+    KeepsFrozenFusionInEval,
     missing_images,
     model_device,
     note,
@@ -64,9 +66,11 @@ from vl.tasks.vl_finetune import (
     read_task_config,
     record_regions,
     region_batch,
+    SCRATCH,
     steps_for_epochs,
     text_batch,
     to_device,
+    VLFinetuneMode,
 )
 from vl.tasks.vqa_eval import evaluate_vqa, normalize_answer, vqa_accuracy
 from vl.text.tokenizer import Tokenizer
@@ -119,6 +123,7 @@ class VqaFinetuneConfig:
     vqa: VqaConfig = field(default_factory=VqaConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     tokenizer: str | None = None  # a tokenizer directory; default: --init's (scratch: trained on the questions)
+    finetune: VLFinetuneMode = field(default_factory=VLFinetuneMode)
 
 
 @dataclass(frozen=True)
@@ -133,6 +138,7 @@ class VqaRun:
     init: str = SCRATCH
     features: str = ""
     box_selection: dict[str, Any] = field(default_factory=dict)  # how the store's boxes were chosen (vl vqa reuses)
+    finetune: VLFinetuneMode = field(default_factory=VLFinetuneMode)
 
 
 def load_vqa_finetune_config(path: str | os.PathLike | None, overrides: Sequence[str] = ()) -> VqaFinetuneConfig:
@@ -282,7 +288,7 @@ class VqaCollator:
 # The model
 
 
-class VqaModel(nn.Module):
+class VqaModel(KeepsFrozenFusionInEval, nn.Module):
     """``fusion`` + ``heads.answer`` (``AnswerHead`` on the pooled output).
 
     ``logits(batch)`` -> (B, A); ``forward(batch)`` -> ``{"vqa": BCE * A, "vqa_score": mean target score of the
@@ -410,9 +416,10 @@ def finetune_vqa(cfg: VqaFinetuneConfig, init: str, train_questions: str | os.Pa
 
     train_cfg = steps_for_epochs(cfg.train, vcfg.epochs, len(train_examples))
     model = VqaModel(fusion, len(answers))
+    trainable = apply_mode(model, cfg.finetune)
     run = VqaRun(task=TASK_NAME, model=fusion.cfg, heads=VqaModel.heads_config(len(answers)), vqa=vcfg,
                  train=train_cfg, init=init_model.source, features=str(Path(features).resolve()),
-                 box_selection=_store_box_selection(store))
+                 box_selection=_store_box_selection(store), finetune=cfg.finetune)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer.save(out)
     write_answers(answers, out / ANSWERS_FILE)
@@ -430,7 +437,8 @@ def finetune_vqa(cfg: VqaFinetuneConfig, init: str, train_questions: str | os.Pa
 
     share = f" ({vcfg.train_fraction:.0%} of them)" if vcfg.train_fraction < 1.0 else ""
     note(f"finetune vqa: {len(answers)} answers, {len(train_examples)} training{share} and {len(val_examples)} "
-         f"validation questions, {train_cfg.steps} steps from {init_model.source}")
+         f"validation questions, {train_cfg.steps} steps from {init_model.source}, mode {cfg.finetune.mode} "
+         f"({sum(p.numel() for n, p in model.named_parameters() if n in trainable):,} trainable parameters)")
     result = train(model, stream, train_cfg, out, run_config=run, evaluate=evaluate if val_examples else None,
                    loss_weights={"vqa": 1.0}, desc="finetune vqa")
     metrics: dict[str, Any] = {}
@@ -470,7 +478,9 @@ def load_vqa_run(run_dir: str | os.PathLike) -> tuple[VqaModel, VqaRun, Tokenize
     weights = run_dir / "model.safetensors"
     if not weights.is_file():
         raise UserError(f"--run {run_dir} has no model.safetensors (did its training finish?)")
-    model = VqaModel(build_fusion(run.model), len(answers))
+    fusion = build_fusion(run.model)
+    add_mode_modules(fusion, run.finetune)
+    model = VqaModel(fusion, len(answers))
     load_into(model, load_state_file(weights), weights)
     model.eval()
     return model, run, Tokenizer.from_dir(run_dir), answers
