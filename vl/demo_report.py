@@ -152,7 +152,7 @@ def plot_vqa(scores: dict[str, dict[str, Any]], out: Path) -> Path:
     import matplotlib.pyplot as plt
 
     groups = ["overall", "yes/no", "number", "other"]
-    fig, ax = plt.subplots(figsize=(7, 3.4))
+    fig, ax = plt.subplots(figsize=(7, 3.9))
     width = 0.8 / max(len(scores), 1)
     for index, (name, score) in enumerate(scores.items()):
         values = [score["overall"]] + [score["per_answer_type"].get(g, 0.0) for g in groups[1:]]
@@ -161,8 +161,8 @@ def plot_vqa(scores: dict[str, dict[str, Any]], out: Path) -> Path:
         ax.bar_label(bars, fmt="%.0f", fontsize=7)
     ax.set_xticks(range(len(groups)), groups)
     ax.set_ylabel("VQA accuracy (%)")
-    ax.set_ylim(0, 100)
-    ax.legend(fontsize=7, loc="upper right")
+    ax.set_ylim(0, 105)
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=2, frameon=False)  # not over bars
     ax.set_title("VQA accuracy on the held-out test split")
     fig.tight_layout()
     atomic_savefig(fig, out, dpi=90)
