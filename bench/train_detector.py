@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> dict:
         "steps": val_metrics.get("step"),
         "train_seconds": round(train_seconds, 1),
         "world_seconds": round(world_seconds, 1),
-        "test_images": test["val_images"],
+        "test_images": test["images"],
         "test_mAP": test["mAP"],
         "test_mAP@0.5": test["mAP@0.5"],
         "test_attr_accuracy": test.get("attr_accuracy"),

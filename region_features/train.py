@@ -287,7 +287,7 @@ def evaluate_detector(
                     chance += len(truth) / len(labels.attributes)
     finally:
         model.train(was_training)
-    metrics = {"val_images": len(items), "detections": len(results)}
+    metrics = {"images": len(items), "detections": len(results)}
     gt = _coco_ground_truth(instances)
     if results and gt["annotations"]:
         with contextlib.redirect_stdout(io.StringIO()):

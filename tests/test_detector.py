@@ -311,7 +311,7 @@ def test_evaluate_prints_map_and_attribute_accuracy(trained_run, world, tmp_path
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert printed == json.loads(out.read_text())
     assert {"mAP", "mAP@0.5", "attr_accuracy", "attr_top1", "attr_chance"} <= set(printed)
-    assert 0.0 <= printed["attr_accuracy"] <= 1.0 and printed["val_images"] == 16
+    assert 0.0 <= printed["attr_accuracy"] <= 1.0 and printed["images"] == 16
     code = vl_regions(["evaluate", "--detector", str(trained_run["run"]), "--instances", str(world.instances("val")),
                        "--images", str(tmp_path / "nowhere")])
     assert code == 2 and "--images" in capsys.readouterr().err
