@@ -46,6 +46,7 @@ from vl.tasks.vqa import (  # noqa: E402
     predict_vqa,
 )
 from vl.train.pretrain_vl import load_pretrain_config, pretrain_vl  # noqa: E402
+from vl.precision import machine_info  # noqa: E402
 
 
 def log(message: str) -> None:
@@ -161,7 +162,7 @@ def main() -> None:
                      "seconds": round(pretrain_seconds, 1)},
         "total_seconds": round(time.perf_counter() - started, 1),
     }
-    print(json.dumps(figures))
+    print(json.dumps({**figures, **machine_info()}))
 
 
 def summary(runs: list[dict]) -> dict:

@@ -39,6 +39,7 @@ from vl.precision import bf16_native, resolve_precision  # noqa: E402
 from region_features.images import ProblemLog  # noqa: E402
 from region_features.train import DetectorRunConfig  # noqa: E402
 from vl.config import load_config  # noqa: E402
+from vl.precision import machine_info  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -171,7 +172,7 @@ def main(argv: list[str] | None = None) -> dict:
     }
     print(f"stock torchvision: {stock_ips:.2f} images/s; ours ({precision}, features included): {ours_ips:.2f} "
           f"images/s; {result['speedup']}x", file=sys.stderr)
-    print(json.dumps(result))
+    print(json.dumps({**result, **machine_info()}))
     return result
 
 

@@ -35,6 +35,7 @@ from vl.data.world import WorldConfig, generate_world  # noqa: E402
 from vl.data.world_features import write_world_features  # noqa: E402
 from vl.train.plot import read_metrics  # noqa: E402
 from vl.train.pretrain_vl import heldout_itm_accuracy, load_pretrain_config, pretrain_vl  # noqa: E402
+from vl.precision import machine_info  # noqa: E402
 
 CONFIGS = {name: ROOT / "configs" / f"pretrain-{name}-tiny.yaml"
            for name in ("visualbert", "uniter", "vilbert", "lxmert")}
@@ -109,7 +110,7 @@ def main() -> None:
                                        args.itm_first)
             print(f"{name}: {json.dumps(results[name])}", file=sys.stderr)
     ok = all(r["all_losses_fell"] and r["heldout_itm_acc"] > 0.6 for r in results.values())
-    print(json.dumps({"bench": "pretrain_learning", "results": results, "ok": ok}))
+    print(json.dumps({"bench": "pretrain_learning", "results": results, "ok": ok, **machine_info()}))
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from vl.data.formats import read_vqa_annotations, read_vqa_questions  # noqa: E402
 from vl.data.world import WorldConfig, WorldPaths, generate_world, load_world  # noqa: E402
 from vl.tasks.vqa_eval import evaluate_vqa  # noqa: E402
+from vl.precision import machine_info  # noqa: E402
 
 
 def prior_answers(train_annotations) -> tuple[dict[str, str], str]:
@@ -84,7 +85,7 @@ def main() -> int:
                                 "size": args.size, "generation_s": round(generation_s, 2),
                                 "generation_images_per_s": round((args.train + args.val + args.test) / generation_s,
                                                                  1)}
-    print(json.dumps(figures))
+    print(json.dumps({**figures, **machine_info()}))
     return 0
 
 

@@ -41,6 +41,7 @@ from vl.text.tokenizer import Tokenizer  # noqa: E402
 from vl.train.loop import TrainConfig  # noqa: E402
 from vl.train.plot import read_metrics  # noqa: E402
 from vl.train.pretrain_text import TextPretrainConfig, pretrain_text  # noqa: E402
+from vl.precision import machine_info  # noqa: E402
 
 
 def tenths(rows: list[dict], key: str) -> tuple[float, float]:
@@ -156,7 +157,7 @@ def main() -> None:
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
-    print(json.dumps(figures))
+    print(json.dumps({**figures, **machine_info()}))
 
 
 if __name__ == "__main__":

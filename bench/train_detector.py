@@ -24,6 +24,7 @@ import torch  # noqa: E402
 from region_features.coco import read_instances  # noqa: E402
 from region_features.train import evaluate_detector, load_detector, train_detector  # noqa: E402
 from vl.data.world import WorldConfig, generate_world, load_world  # noqa: E402
+from vl.precision import machine_info  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -72,7 +73,7 @@ def main(argv: list[str] | None = None) -> dict:
         "val_mAP@0.5": val_metrics.get("mAP@0.5"),
         "passes": bool(test["mAP@0.5"] >= 0.8 and test.get("attr_accuracy", 0) > 2 * test.get("attr_chance", 1)),
     }
-    print(json.dumps(result))
+    print(json.dumps({**result, **machine_info()}))
     return result
 
 

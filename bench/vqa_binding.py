@@ -50,6 +50,7 @@ from region_features.store import FeatureStore  # noqa: E402
 from vl.data.formats import read_vqa_annotations, read_vqa_questions  # noqa: E402
 from vl.data.world import WorldPaths  # noqa: E402
 from vl.data.world_scene import Scene, SceneObject, load_scenes  # noqa: E402
+from vl.precision import machine_info  # noqa: E402
 
 SPLITS = ("train", "val", "test")
 
@@ -271,7 +272,7 @@ def main() -> None:
                "detector_feature_probe": probe, "results": results}
     if {"detector", "oracle"} <= set(results):
         summary["oracle_minus_detector"] = round(results["oracle"]["overall"] - results["detector"]["overall"], 1)
-    print(json.dumps(summary))
+    print(json.dumps({**summary, **machine_info()}))
 
 
 if __name__ == "__main__":

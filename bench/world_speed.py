@@ -21,6 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from vl.data.world import WorldConfig, generate_world, measure_speed  # noqa: E402
+from vl.precision import machine_info  # noqa: E402
 
 
 def main() -> int:
@@ -44,6 +45,7 @@ def main() -> int:
         "generate_world_images_per_s": round(args.images / end_to_end, 1),
         "generate_world_images_per_cpu_s": round(args.images / end_to_end_cpu, 1),
         "target_images_per_s": 100,
+        **machine_info(),
     }))
     return 0
 

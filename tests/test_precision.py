@@ -76,3 +76,11 @@ def test_detector_and_extraction_default_to_auto():
 
     assert {f.name: f.default for f in dataclasses.fields(DetectorTrainConfig)}["precision"] == "auto"
     assert inspect.signature(extract_features).parameters["precision"].default == "auto"
+
+
+def test_machine_info_names_the_cpu_and_its_bf16(monkeypatch):
+    from vl import precision
+
+    monkeypatch.setattr(precision, "bf16_native", lambda device="cpu": False)
+    info = precision.machine_info()
+    assert info["bf16_native"] is False and isinstance(info["cpu"], str) and info["cpu"]

@@ -42,6 +42,11 @@ def bf16_native(device: torch.device | str = "cpu") -> bool:
         return False
 
 
+def machine_info() -> dict[str, object]:
+    """What a bench's JSON line says about the machine that measured it: the CPU's name and whether bf16 is native."""
+    return {"cpu": cpu_name(), "bf16_native": bf16_native("cpu")}
+
+
 def cpu_name() -> str:
     """The CPU's model name (``lscpu``'s "Model name"), or the platform's processor string."""
     try:
