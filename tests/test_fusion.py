@@ -297,3 +297,19 @@ def test_vilbert_whole_image_region_is_the_mean_region_and_stays_internal():
         restricted = model(batch, rows=OutputRows(regions=rows))
         torch.testing.assert_close(restricted.pooled, ours.pooled, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(restricted.region_hidden[:, 1], ours.region_hidden[:, 1], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["uniter-tiny.yaml", "visualbert-tiny.yaml", "lxmert-tiny.yaml"])
+def test_all_layers_returns_every_cls_state_ending_with_the_last(name):
+    torch.manual_seed(0)
+    cfg = load_fusion_config(CONFIGS / name)
+    model = build_fusion(cfg).eval()
+    batch = make_batch(cfg, [6, 3, 5], [2, 5, 3])
+    with torch.no_grad():
+        plain, every = model(batch), model(batch, all_layers=True)
+    expected = cfg.text.num_layers + 1 + (cfg.cross.num_layers if cfg.fusion == "dual_stream" else 0)
+    assert len(every.layer_cls) == expected and all(state.shape == (3, 1, cfg.text.hidden_size)
+                                                    for state in every.layer_cls)
+    torch.testing.assert_close(every.layer_cls[-1], plain.text_hidden[:, :1])
+    torch.testing.assert_close(every.pooled, plain.pooled)
+    assert plain.layer_cls is None

@@ -14,6 +14,7 @@ from vl.cli import main
 from vl.data.formats import VqaAnnotation, VqaAnswer, read_vqa_questions
 from vl.data.world_features import write_world_features
 from vl.errors import UserError
+from vl.fusion import load_fusion_config
 from vl.fusion.pretraining import build_pretraining_model, load_model_configs
 from vl.tasks.vl_finetune import load_init, prepare_init, region_batch, text_batch
 from vl.tasks.vqa import (
@@ -367,11 +368,41 @@ def test_adapters_mode_trains_only_adapters_norms_and_heads(world, vqa_run, tmp_
     assert json.loads(results.read_text())
 
 
-def test_scalar_mix_mode_is_refused_in_one_line(world, vqa_run, tmp_path, capsys):
-    run, store = vqa_run
-    assert _finetune_from(world, run, store, tmp_path / "mix", "--mode", "scalar-mix") == 2
+@pytest.mark.parametrize("config", ["uniter-tiny.yaml", "lxmert-tiny.yaml"])
+def test_scalar_mix_mode_reads_every_layer_and_trains_only_the_mix_and_heads(world, tmp_path, config):
+    from vl.checkpoints.io import load_state_file
+
+    store = write_world_features(world, tmp_path / "store")
+    base = tmp_path / "base"
+    assert main(["finetune", "vqa", "--init", "scratch", "--config", str(CONFIGS / "finetune-vqa-tiny.yaml"),
+                 "--train-questions", str(world.vqa_questions("train")),
+                 "--train-annotations", str(world.vqa_annotations("train")), "--features", str(store),
+                 "--out", str(base), "--set", "train.steps=2", "--set", "train.batch_size=16",
+                 "--set", f"model={CONFIGS / config}", "--set", "model.region.feature_dim=16"]) == 0
+    out = tmp_path / "mix"
+    assert _finetune_from(world, base, store, out, "--mode", "scalar-mix") == 0
+    before, after = load_state_file(base / "model.safetensors"), load_state_file(out / "model.safetensors")
+    assert all(torch.equal(before[key], after[key]) for key in before if key.startswith("fusion."))
+    cfg = load_fusion_config(CONFIGS / config)
+    layers = cfg.text.num_layers + 1 + (cfg.cross.num_layers if cfg.fusion == "dual_stream" else 0)
+    assert after["scalar_mix.weights"].shape == (layers,) and not torch.equal(after["scalar_mix.weights"],
+                                                                             torch.zeros(layers))
+    results = tmp_path / "results.json"  # the run loads back with its mix
+    assert main(["predict", "vqa", "--run", str(out), "--questions", str(world.vqa_questions("val")),
+                 "--features", str(store), "--out", str(results)]) == 0
+    assert yaml_mode(out) == "scalar-mix"
+
+
+def test_scalar_mix_is_refused_for_vilbert_in_one_line(world, tmp_path, capsys):
+    store = write_world_features(world, tmp_path / "store")
+    code = main(["finetune", "vqa", "--init", "scratch", "--config", str(CONFIGS / "finetune-vqa-tiny.yaml"),
+                 "--train-questions", str(world.vqa_questions("train")),
+                 "--train-annotations", str(world.vqa_annotations("train")), "--features", str(store),
+                 "--out", str(tmp_path / "v"), "--set", "train.steps=2", "--mode", "scalar-mix",
+                 "--set", f"model={CONFIGS / 'vilbert-tiny.yaml'}", "--set", "model.region.feature_dim=16"])
     err = capsys.readouterr().err
-    assert "scalar-mix" in err and "frozen or adapters" in err and err.count("\n") == 1
+    last = err.strip().splitlines()[-1]  # after the tokenizer's progress note
+    assert code == 2 and "error:" in last and "ViLBERT" in last and "use frozen or adapters" in last
 
 
 def yaml_mode(run) -> str:

@@ -93,7 +93,8 @@ def _add_config_flags(parser: argparse.ArgumentParser, example: str) -> None:
                                                           "scratch: trained on the training texts)")
     parser.add_argument("--mode", choices=("full", "frozen", "adapters", "scalar-mix"),
                         help="what trains (overrides finetune.mode; default full): frozen trains the heads only, "
-                             "adapters the adapters, LayerNorms and heads; scalar-mix is refused (text tasks only)")
+                             "adapters the adapters, LayerNorms and heads, scalar-mix a mix of every layer's [CLS] "
+                             "and the heads")
 
 
 def add_finetune_parsers(tasks: argparse._SubParsersAction) -> None:

@@ -276,6 +276,9 @@ class VLOutput:
     pooled_text: torch.Tensor | None = None
     pooled_region: torch.Tensor | None = None
     tag_hidden: torch.Tensor | None = None  # (B, R, H_t) last hidden states of the tag tokens (tags.placement text)
+    # with ``all_layers``: the [CLS] state (B, 1, H_t) after the embeddings and after each layer that updates it,
+    # last one last (an ELMo-style scalar mix of layers reads them)
+    layer_cls: list[torch.Tensor] | None = None
 
 
 @dataclass

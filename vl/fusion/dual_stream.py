@@ -190,17 +190,23 @@ class DualStreamModel(nn.Module):
 
     def _run_streams(self, text: torch.Tensor, text_mask: torch.Tensor | None, regions: torch.Tensor,
                      region_mask: torch.Tensor | None, text_positions: torch.Tensor | None = None,
-                     region_positions: torch.Tensor | None = None
+                     region_positions: torch.Tensor | None = None, collect: list[torch.Tensor] | None = None
                      ) -> tuple[torch.Tensor, torch.Tensor, bool, bool]:
         """Both streams through their layers -> (text, regions, text_restricted, regions_restricted).
 
         With ``text_positions`` / ``region_positions`` the last module of that stream computes those rows only,
         and the stream comes back as (B, M, H) with its flag set (a stream with no layer at all comes back whole).
+        ``collect`` (LXMERT): appended with the text stream's [CLS] (B, 1, H_t) at entry and after each language
+        and cross-modality layer (the last one after the final norm of a pre-LN model).
         """
         cross = self.cfg.cross
         num_text, num_vision = len(self.text_layers), len(self.vision_layers)
         text_done = vision_done = 0
         text_restricted = region_restricted = False
+        if collect is not None:
+            if cross.kind != "lxmert":
+                raise ValueError("every layer's [CLS] is defined for LXMERT's text stream only")
+            collect.append(text[:, :1])
         if cross.kind == "coattention":
             last_block = len(self.cross_layers) - 1
             for index, (block, (text_until, vision_until)) in enumerate(zip(self.cross_layers, cross.coattn_layers)):
@@ -219,6 +225,8 @@ class DualStreamModel(nn.Module):
             last = streams_last and index == num_text - 1 and text_positions is not None
             text = layer(text, text_mask, positions=text_positions if last else None)
             text_restricted = text_restricted or last
+            if collect is not None:
+                collect.append(text[:, :1])
         for index, layer in enumerate(self.vision_layers[vision_done:], start=vision_done):
             last = streams_last and index == num_vision - 1 and region_positions is not None
             regions = layer(regions, region_mask, positions=region_positions if last else None)
@@ -228,14 +236,22 @@ class DualStreamModel(nn.Module):
                 last = index == len(self.cross_layers) - 1
                 text, regions = cross_layer(text, text_mask, regions, region_mask,
                                             text_positions if last else None, region_positions if last else None)
+                if collect is not None:
+                    collect.append(text[:, :1])
                 text_restricted, region_restricted = last and text_positions is not None, \
                     last and region_positions is not None
         if self.text_final_norm is not None:
             text, regions = self.text_final_norm(text), self.vision_final_norm(regions)
+            if collect:
+                collect[-1] = text[:, :1]
         return text, regions, text_restricted, region_restricted
 
-    def forward(self, batch: dict[str, torch.Tensor], rows: OutputRows | None = None) -> VLOutput:
-        """``rows``: compute the last layers at these positions only (see ``OutputRows`` and ``VLOutput``)."""
+    def forward(self, batch: dict[str, torch.Tensor], rows: OutputRows | None = None,
+                all_layers: bool = False) -> VLOutput:
+        """``rows``: compute the last layers at these positions only (see ``OutputRows`` and ``VLOutput``);
+        ``all_layers`` (LXMERT): also return the text stream's [CLS] after every layer (``VLOutput.layer_cls``)."""
+        if all_layers and rows is not None:
+            raise ValueError("all_layers computes every row; it cannot be combined with rows")
         inputs = read_batch(batch, self.cfg)
         image_token = self.cfg.region.image_token
         if image_token:
@@ -265,9 +281,10 @@ class DualStreamModel(nn.Module):
                                                                      device=text.device)], dim=1)
         text_positions = row_positions(text_rows) if text_rows is not None else None  # (B, M)
         region_positions = row_positions(rows.regions) if rows.regions is not None else None  # (B, N)
+        layer_cls: list[torch.Tensor] | None = [] if all_layers else None
         text_hidden, region_hidden, text_restricted, region_restricted = self._run_streams(
             text, key_padding_mask(stream_mask), regions, key_padding_mask(region_mask), text_positions,
-            region_positions)
+            region_positions, layer_cls)
         if text_restricted:
             text_hidden = scatter_rows(text_hidden, text_positions, text.shape[1])  # (B, T [+ R], H_t)
         if region_restricted:
@@ -287,6 +304,7 @@ class DualStreamModel(nn.Module):
                 pooled_text=masked_mean(text_hidden, attention_mask) if rows.text is None else None,
                 pooled_region=masked_mean(region_hidden, region_mask) if rows.regions is None else None,
                 tag_hidden=tag_hidden,
+                layer_cls=layer_cls,
             )
         pooled_text = torch.relu(self.text_pooler(text_hidden[:, 0]))  # (B, H)
         pooled_region = torch.relu(self.vision_pooler(first_region))  # (B, H)

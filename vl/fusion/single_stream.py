@@ -109,8 +109,12 @@ class SingleStreamModel(nn.Module):
         self.apply(lambda module: init_bert_weights(module, text.init_std))
         init_visual_tables(self.text_embeddings, self.region_embeddings)
 
-    def forward(self, batch: dict[str, torch.Tensor], rows: OutputRows | None = None) -> VLOutput:
-        """``rows``: compute the last layer at these positions only (see ``OutputRows`` and ``VLOutput``)."""
+    def forward(self, batch: dict[str, torch.Tensor], rows: OutputRows | None = None,
+                all_layers: bool = False) -> VLOutput:
+        """``rows``: compute the last layer at these positions only (see ``OutputRows`` and ``VLOutput``);
+        ``all_layers``: also return every layer's [CLS] state (``VLOutput.layer_cls``; not with ``rows``)."""
+        if all_layers and rows is not None:
+            raise ValueError("all_layers computes every row; it cannot be combined with rows")
         inputs = read_batch(batch, self.cfg)
         input_ids, attention_mask, region_mask = inputs["input_ids"], inputs["attention_mask"], inputs["region_mask"]
         text_tokens = self.text_embeddings(input_ids, inputs["token_type_ids"])  # (B, T, H)
@@ -133,8 +137,13 @@ class SingleStreamModel(nn.Module):
                 input_ids.new_ones(region_tokens.shape[:2], dtype=torch.bool)
             tag_rows = [torch.zeros_like(region_rows, dtype=torch.bool)] * len(tag_parts)  # nothing reads them
             joint_rows = torch.cat([text_rows.bool(), *tag_rows, region_rows.bool()], dim=1)  # (B, T [+ R] + R)
-        hidden = self.encoder(torch.cat([text_tokens, *tag_parts, region_tokens], dim=1),
-                              key_padding_mask(joint_mask), rows=joint_rows)  # (B, T [+ R] + R, H)
+        tokens = torch.cat([text_tokens, *tag_parts, region_tokens], dim=1)
+        layer_cls = None
+        if all_layers:
+            states = self.encoder(tokens, key_padding_mask(joint_mask), return_all=True)
+            hidden, layer_cls = states[-1], [state[:, :1] for state in states]
+        else:
+            hidden = self.encoder(tokens, key_padding_mask(joint_mask), rows=joint_rows)  # (B, T [+ R] + R, H)
         # (B, T, H), [(B, R, H)], (B, R, H); ``split`` as in ``Attention.both_ways``: its backward concatenates the
         # gradients, where each slice's would zero-fill a (B, T + R, H) tensor to be summed
         parts = hidden.split([num_text, *[num_regions] * len(tag_parts), num_regions], dim=1)
@@ -147,4 +156,5 @@ class SingleStreamModel(nn.Module):
             pooled_text=masked_mean(text_hidden, attention_mask) if restricted.text is None else None,
             pooled_region=masked_mean(region_hidden, region_mask) if restricted.regions is None else None,
             tag_hidden=parts[1] if tag_parts else None,
+            layer_cls=layer_cls,
         )

@@ -63,12 +63,11 @@ from vl.errors import UserError
 from vl.fusion import build_fusion
 from vl.fusion.base import FusionConfig, VLOutput
 from vl.fusion.pretraining import HeadsConfig, VLHeads
-from vl.objectives.itm import hardest_wrong_pairs, match_scores, pair_batch, sampled_wrong_pairs, score_all_pairs
+from vl.objectives.itm import hardest_wrong_pairs, pair_batch, sampled_wrong_pairs, score_all_pairs
 from vl.tasks.vl_finetune import (
     SCRATCH,
-    KeepsFrozenFusionInEval,
+    FinetuneModeMixin,
     VLFinetuneMode,
-    add_mode_modules,
     apply_mode,
     check_store,
     encode_texts,
@@ -82,6 +81,7 @@ from vl.tasks.vl_finetune import (
     region_batch,
     steps_for_epochs,
     text_batch,
+    prepare_mode,
 )
 from vl.data.tags import RegionTagger, region_tagger
 from vl.text.tokenizer import Tokenizer
@@ -224,7 +224,7 @@ def contrastive_loss(text_emb: torch.Tensor, image_emb: torch.Tensor, logit_scal
     return (loss_t2i + loss_i2t) / 2, accuracy
 
 
-class RetrievalModel(KeepsFrozenFusionInEval, nn.Module):
+class RetrievalModel(FinetuneModeMixin, nn.Module):
     """``fusion`` + ``heads.itm`` + ``contrastive`` (see the module docstring).
 
     ``embed_texts(text batch)`` / ``embed_images(region batch)`` -> (B, E) first-stage embeddings;
@@ -285,7 +285,8 @@ class RetrievalModel(KeepsFrozenFusionInEval, nn.Module):
         return self.contrastive.embed_regions(self.regions_only(batch).pooled_region)  # (B, E)
 
     def pair_scores(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return match_scores(self.heads.itm, self.fusion(batch)).float()  # (B,)
+        logits = self.heads.itm(self.pooled_output(batch))  # (B, 2)
+        return (logits[:, 1] - logits[:, 0]).float()  # (B,): as match_scores
 
     # training -------------------------------------------------------------------------------------------------
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -808,9 +809,8 @@ def load_retrieval_run(run_dir: str | os.PathLike) -> tuple[RetrievalModel, Retr
     weights = run_dir / "model.safetensors"
     if not weights.is_file():
         raise UserError(f"--run {run_dir} has no model.safetensors (did its training finish?)")
-    fusion = build_fusion(run.model)
-    add_mode_modules(fusion, run.finetune)
-    model = RetrievalModel(fusion, run.retrieval)
+    model = RetrievalModel(build_fusion(run.model), run.retrieval)
+    prepare_mode(model, run.finetune)
     load_into(model, load_state_file(weights), weights)
     model.eval()
     return model, run, Tokenizer.from_dir(run_dir)

@@ -20,8 +20,9 @@ Batches follow the fusion batch contract (``vl.fusion.base``): ``input_ids``, ``
 
 What trains (``finetune.mode``, ``--mode``), as for the text tasks: ``full`` (everything), ``frozen`` (the fusion
 model is frozen and kept in eval mode; the task heads train), ``adapters`` (bottleneck adapters in every fusion
-layer, with the LayerNorms and the task heads; the rest frozen), so that one pretrained model serves many tasks.
-``scalar-mix`` is a text-encoder mode and is refused: the fusion models give their last layer only.
+layer, with the LayerNorms and the task heads; the rest frozen), so that one pretrained model serves many tasks;
+``scalar-mix`` (the fusion model frozen; the heads read the pooler applied to a learned mix of the [CLS] state
+after the embeddings and every layer: single-stream models and LXMERT's text stream).
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ from vl.fusion.pretraining import HeadsConfig, VLPretrainingModel, build_pretrai
 from vl.text.tokenizer import Tokenizer
 
 SCRATCH = "scratch"
-VL_MODES = ("full", "frozen", "adapters")
+VL_MODES = ("full", "frozen", "adapters", "scalar-mix")
 
 
 @dataclass(frozen=True)
@@ -58,19 +59,28 @@ class VLFinetuneMode:
     adapter_size: int = 64  # adapters: bottleneck width
 
     def __post_init__(self):
-        if self.mode == "scalar-mix":
-            raise ValueError("finetune.mode scalar-mix mixes a text encoder's layers, and the fusion models give their "
-                             "last layer only: use frozen or adapters")
         if self.mode not in VL_MODES:
             raise ValueError(f"finetune.mode must be one of {', '.join(VL_MODES)}, got {self.mode!r}")
         if self.adapter_size < 1:
             raise ValueError(f"finetune.adapter_size must be positive, got {self.adapter_size}")
 
 
-class KeepsFrozenFusionInEval:
-    """Mixin for task models: with ``frozen_fusion`` set, ``train()`` leaves the fusion model in eval mode."""
+def cls_states(cfg: FusionConfig) -> int:
+    """How many [CLS] states ``all_layers`` returns: the embeddings' and each text-side layer's."""
+    if cfg.fusion == "single_stream":
+        return cfg.text.num_layers + 1
+    if cfg.cross.kind == "lxmert":
+        return cfg.text.num_layers + cfg.cross.num_layers + 1
+    raise UserError("finetune.mode scalar-mix mixes the [CLS] states of the text stream, and ViLBERT pools both "
+                    "streams' first tokens: use frozen or adapters")
 
-    frozen_fusion = False
+
+class FinetuneModeMixin:
+    """What a task model (with a ``fusion`` attribute) needs for ``finetune.mode``:
+    ``frozen_fusion`` keeps the fusion model in eval mode through ``train()``; ``scalar_mix`` (scalar-mix mode)
+    makes ``pooled_output`` pool a learned mix of every layer's [CLS] state instead of the last one."""
+
+    frozen_fusion = False  # (``scalar_mix``, when set, is a registered submodule: no class attribute may shadow it)
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -78,20 +88,32 @@ class KeepsFrozenFusionInEval:
             self.fusion.eval()
         return self
 
+    def pooled_output(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The pooled pair summary (B, H) the task heads read."""
+        scalar_mix = self._modules.get("scalar_mix")
+        if scalar_mix is None:
+            return self.fusion(batch).pooled
+        layers = self.fusion(batch, all_layers=True).layer_cls  # L + 1 tensors (B, 1, H_t)
+        return self.fusion.pooler(scalar_mix(layers))  # the pooler reads position 0
 
-def add_mode_modules(fusion: torch.nn.Module, mode: VLFinetuneMode) -> None:
-    """Add the modules ``mode`` puts into the fusion model (adapters), before its weights are loaded or trained."""
+
+def prepare_mode(model: torch.nn.Module, mode: VLFinetuneMode) -> None:
+    """Add the modules ``mode`` puts into a task model (adapters in its fusion layers, the scalar mix), before its
+    weights are loaded or trained."""
     if mode.mode == "adapters":
         from vl.encoders.adapters import add_adapters
 
-        add_adapters(fusion, mode.adapter_size, fusion.cfg.text.activation)
+        add_adapters(model.fusion, mode.adapter_size, model.fusion.cfg.text.activation)
+    elif mode.mode == "scalar-mix":
+        from vl.encoders.adapters import ScalarMix
+
+        model.scalar_mix = ScalarMix(cls_states(model.fusion.cfg))
 
 
 def apply_mode(model: torch.nn.Module, mode: VLFinetuneMode) -> list[str]:
-    """Add ``mode``'s modules to ``model.fusion`` and freeze what it keeps fixed (``model``: a task model with a
-    ``fusion`` attribute); returns the trainable parameter names."""
-    add_mode_modules(model.fusion, mode)
-    if mode.mode == "frozen":
+    """``prepare_mode``, then freeze what ``mode`` keeps fixed; returns the trainable parameter names."""
+    prepare_mode(model, mode)
+    if mode.mode in ("frozen", "scalar-mix"):
         model.fusion.requires_grad_(False)
         model.frozen_fusion = True  # the task model keeps it in eval mode (deterministic features)
     elif mode.mode == "adapters":

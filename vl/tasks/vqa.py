@@ -52,11 +52,10 @@ from vl.fusion import build_fusion
 from vl.fusion.base import FusionConfig
 from vl.fusion.pretraining import HeadsConfig, VLHeads
 from vl.tasks.vl_finetune import (
-    add_mode_modules,
     apply_mode,
     check_store,
     encode_texts,
-    KeepsFrozenFusionInEval,
+    FinetuneModeMixin,
     missing_images,
     model_device,
     note,
@@ -71,6 +70,7 @@ from vl.tasks.vl_finetune import (
     text_batch,
     to_device,
     VLFinetuneMode,
+    prepare_mode,
 )
 from vl.tasks.vqa_eval import evaluate_vqa, normalize_answer, vqa_accuracy
 from vl.text.tokenizer import Tokenizer
@@ -288,7 +288,7 @@ class VqaCollator:
 # The model
 
 
-class VqaModel(KeepsFrozenFusionInEval, nn.Module):
+class VqaModel(FinetuneModeMixin, nn.Module):
     """``fusion`` + ``heads.answer`` (``AnswerHead`` on the pooled output).
 
     ``logits(batch)`` -> (B, A); ``forward(batch)`` -> ``{"vqa": BCE * A, "vqa_score": mean target score of the
@@ -313,7 +313,7 @@ class VqaModel(KeepsFrozenFusionInEval, nn.Module):
         return self.fusion.cfg
 
     def logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.heads.answer(self.fusion(batch).pooled)  # (B, A)
+        return self.heads.answer(self.pooled_output(batch))  # (B, A)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         logits = self.logits(batch).float()
@@ -478,9 +478,8 @@ def load_vqa_run(run_dir: str | os.PathLike) -> tuple[VqaModel, VqaRun, Tokenize
     weights = run_dir / "model.safetensors"
     if not weights.is_file():
         raise UserError(f"--run {run_dir} has no model.safetensors (did its training finish?)")
-    fusion = build_fusion(run.model)
-    add_mode_modules(fusion, run.finetune)
-    model = VqaModel(fusion, len(answers))
+    model = VqaModel(build_fusion(run.model), len(answers))
+    prepare_mode(model, run.finetune)
     load_into(model, load_state_file(weights), weights)
     model.eval()
     return model, run, Tokenizer.from_dir(run_dir), answers
