@@ -107,7 +107,9 @@ def test_page_in_chromium(server, world, tmp_path):
             first = results.first
             image_id = first.get_attribute("data-image-id")
             expect(first.locator("img")).to_have_attribute("src", f"/images/{image_id}")
-            assert page.evaluate("(img) => img.complete && img.naturalWidth > 0", first.locator("img").element_handle())
+            # the image loads after its src is set: wait for it rather than look at once
+            page.wait_for_function("(img) => img.complete && img.naturalWidth > 0",
+                                   arg=first.locator("img").element_handle(), timeout=20_000)
 
             first.click()
             captions = page.locator("#captions li")
