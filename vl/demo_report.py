@@ -313,6 +313,7 @@ def stage_sharing(demo: Demo) -> str:
 
 def write_report(demo: Demo, total_seconds: float) -> Path:
     from vl.data.formats import read_vqa_annotations
+    from vl.data.world import WorldPaths
     from vl.demo import fraction_stage
 
     out = demo.out
@@ -324,7 +325,7 @@ def write_report(demo: Demo, total_seconds: float) -> Path:
         if path.is_file():
             figures[key] = json.loads(path.read_text())
     annotations = read_vqa_annotations(demo.annotations("test"))  # read once: every score and the examples' truth
-    groups = question_groups(demo.world / "vqa" / "question_families_test2014.json")
+    groups = question_groups(WorldPaths(demo.world).question_families("test"))
     figures["vqa"] = {name: vqa_scores(annotations, out / f"{name}_test_results.json", groups) for name in VQA_RUNS}
     figures["vqa_image_blind"] = {name: vqa_scores(annotations, out / f"{name}_test_blind_results.json", groups)
                                   for name in VQA_RUNS if (out / f"{name}_test_blind_results.json").is_file()}
