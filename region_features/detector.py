@@ -12,7 +12,8 @@ Contract (torchvision's, see ``torchvision.models.detection.faster_rcnn``):
 
 Region features. Bottom-up attention (Anderson et al. 2018) takes the 2048-d mean-pooled res5 output of each box as
 its feature, and the classifiers read that same vector. Here the box head is torchvision's two-layer MLP on the 7x7
-RoIAlign of the FPN, and its output representation is the region feature: the vector the class, box and attribute
+RoIAlign of the FPN, or ``box_head_convs`` conv layers and one FC layer (with BatchNorm before its ReLU when
+``box_head_fc_norm``), and its output representation is the region feature: the vector the class, box and attribute
 predictors read. Its width (``RegionDetector.feature_dim``) is ``representation_size`` when set, else the backbone's
 last-stage width: 2048 for resnet50/101, 512 for resnet18. With the torchvision backbone it is torchvision's 1024.
 
@@ -75,6 +76,7 @@ class DetectorConfig:
     attr_loss_backbone: bool = True  # false: the attribute loss trains the box and attribute heads, not the backbone
     representation_size: int | None = None  # box head output = region feature width; None = backbone width
     box_head_convs: int = 0  # 0: torchvision's two-layer MLP box head; n: n conv3x3+BN layers, then one FC layer
+    box_head_fc_norm: bool = False  # conv box head: BatchNorm before the FC layer's ReLU, so no feature unit dies
     roi_output_size: int = 7  # RoIAlign output resolution
     roi_sampling_ratio: int = 2  # RoIAlign sampling points per bin side
     rpn_pre_nms_top_n_train: int = 2000
@@ -309,8 +311,9 @@ class RegionDetector(GeneralizedRCNN):
             raise UserError("detector.num_classes must be >= 1 (it is set from the training categories)")
         initial_state = _read_state_dict(Path(cfg.weights_path)) if cfg.weights_path is not None else None
         if cfg.is_torchvision:
-            if cfg.box_head_convs:
-                raise UserError("detector.box_head_convs must be 0 with the torchvision backbone (its MLP head)")
+            if cfg.box_head_convs or cfg.box_head_fc_norm:
+                raise UserError("detector.box_head_convs and box_head_fc_norm need a timm backbone: the torchvision "
+                                "backbone keeps its MLP head")
             backbone = _torchvision_r50_fpn_backbone()
             representation_size = cfg.representation_size or 1024
         else:
@@ -343,6 +346,8 @@ class RegionDetector(GeneralizedRCNN):
                 [representation_size],
                 norm_layer=nn.BatchNorm2d,
             )
+            if cfg.box_head_fc_norm:  # [convs, flatten, fc, relu] -> [convs, flatten, fc, bn, relu]
+                box_head.insert(len(box_head) - 1, nn.BatchNorm1d(representation_size))
         else:
             box_head = TwoMLPHead(backbone.out_channels * cfg.roi_output_size**2, representation_size)
         box_predictor = _Float32Predictor(representation_size, cfg.num_classes + 1)

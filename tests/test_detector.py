@@ -65,9 +65,9 @@ def synthetic_batch(num_images: int = 2, size: int = 64) -> tuple[list[torch.Ten
     return images, targets
 
 
-@pytest.mark.parametrize("box_head_convs", [0, 1])
-def test_forward_backward_and_inference_contract(box_head_convs):
-    model = tiny_detector(box_head_convs=box_head_convs).train()
+@pytest.mark.parametrize(("box_head_convs", "box_head_fc_norm"), [(0, False), (1, False), (1, True)])
+def test_forward_backward_and_inference_contract(box_head_convs, box_head_fc_norm):
+    model = tiny_detector(box_head_convs=box_head_convs, box_head_fc_norm=box_head_fc_norm).train()
     images, targets = synthetic_batch()
     losses = model(images, targets)
     assert set(losses) == {"loss_classifier", "loss_box_reg", "loss_attributes", "loss_objectness",
@@ -95,6 +95,21 @@ def test_boxes_are_decoded_in_float32_under_bf16_autocast():
         assert boxes.dtype == torch.float32
         # bf16 would round coordinates in [32, 64) to multiples of 0.25
         assert ((boxes * 4) % 1 != 0).any()
+
+
+def test_box_head_fc_norm_keeps_every_feature_unit_alive_and_old_keys_loading():
+    """BatchNorm sits between the FC layer and its ReLU: in training every unit is centred over the RoIs, so each is
+    positive for some of them even when its bias is pushed far negative (the dead ReLUs that lost colour)."""
+    plain, normed = tiny_detector(box_head_convs=1), tiny_detector(box_head_convs=1, box_head_fc_norm=True)
+    for head in (plain.roi_heads.box_head, normed.roi_heads.box_head):
+        head[2].bias.data.fill_(-100.0)  # index 2 is the FC layer after [conv, flatten]
+    pooled = torch.randn(64, 16, 7, 7)
+    assert (plain.roi_heads.box_head(pooled) == 0).all()
+    alive = normed.roi_heads.box_head.train()(pooled).amax(0) > 0
+    assert alive.all()
+    # the FC and conv weights keep their names, so a run trained without the norm still loads into that layout
+    plain_keys = set(plain.roi_heads.box_head.state_dict())
+    assert plain_keys < set(normed.roi_heads.box_head.state_dict())
 
 
 def test_feature_dim_is_backbone_width_by_default():
