@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import math
@@ -28,7 +29,7 @@ from vl.data.vl_masking import VLBatchPlan, VLMaskingConfig
 from vl.data.world_features import write_world_features
 from vl.errors import UserError
 from vl.text.tokenizer import Tokenizer
-from vl.train.loop import TrainConfig, TrainingStopped, latest_checkpoint, list_checkpoints, train
+from vl.train.loop import TrainConfig, TrainingStopped, latest_checkpoint, list_checkpoints, seed_everything, train
 from vl.train.plot import read_metrics
 from vl.train.pretrain_vl import load_pretrain_config, pretrain_vl
 
@@ -91,6 +92,62 @@ def test_batches_join_store_tokenize_and_mask(world, features, tokenizer_dir):
     assert (tasks["mlm"]["mlm_labels"] != -100).any() and "itm_labels" not in tasks["mlm"]
     assert tasks["mrfr"]["mrm_mask"].any() and "mrm_class_targets" in tasks["mrfr"]
     assert (tasks["itm"]["itm_labels"] == 0).any() and "mlm_labels" not in tasks["itm"]
+
+
+def test_question_records_carry_answer_targets_and_captions_none(world, features, tokenizer_dir):
+    tokenizer = Tokenizer.from_dir(tokenizer_dir)
+    maker = PretrainBatchMaker(tokenizer, FeatureStore(features), PretrainDataConfig(max_regions=4),
+                               TaskMixer({"all": 1.0}, seed=0, sum_all=True), {"all": VLBatchPlan(mask_text=True)},
+                               num_answers=5)
+    ids = list(FeatureStore(features).ids())[:3]
+    records = [CaptionRecord(ids[0], "a blue cross", "c", "x"),
+               CaptionRecord(ids[1], "what color is the cross?", "q1", "x", answers=((2, 1.0), (4, 0.3))),
+               CaptionRecord(ids[2], "is there a star?", "q2", "x", answers=())]
+    batch = maker(records, 0, torch.Generator().manual_seed(0))
+    assert batch["has_answer"].tolist() == [False, True, True]
+    assert batch["answer_targets"].tolist() == [[0.0] * 5, [0, 0, 1.0, 0, pytest.approx(0.3)], [0.0] * 5]
+    outside = CaptionRecord(ids[1], "what shape?", "q3", "x", answers=((5, 1.0),))
+    assert maker.check_record(outside)[0] == "bad_answers"
+
+
+def test_qa_pretraining_on_vqa_questions_beside_the_captions(world, features, tokenizer_dir, tmp_path, capsys):
+    """LXMERT's fifth task through the real command: the questions join the captions, the answer vocabulary is
+    saved in the run, and the qa loss falls."""
+    from vl.cli import main
+    from vl.tasks.vqa import read_answers
+
+    config = ROOT / "configs" / "pretrain-lxmert-tiny.yaml"
+    out = tmp_path / "qa"
+    base = ["--config", str(config), "--shards", world.shard_pattern("train"), "--features", str(features),
+            "--tokenizer", str(tokenizer_dir)]
+    qa = ["--questions", str(world.vqa_questions("train")), "--annotations", str(world.vqa_annotations("train"))]
+    sets = ["train.steps=60", "train.batch_size=16", "train.lr=2e-3", "train.save_every=30", "train.log_every=1",
+            "data.num_workers=0", "objectives.qa.weight=1.0", "qa.min_answer_count=2"]
+    assert main(["pretrain", *base, *qa, "--out", str(out), *[arg for pair in sets for arg in ("--set", pair)]]) == 0
+    answers = read_answers(out / "answers.json")
+    saved = load_pretrain_config(out / "config.yaml")
+    assert saved.heads.num_answers == len(answers) > 2 and saved.questions == str(world.vqa_questions("train"))
+    questions = json.loads(world.vqa_questions("train").read_text())["questions"]
+    written = [record for path in sorted((out / "qa").glob("questions-*.json"))
+               for record in json.loads(path.read_text())["annotations"]]
+    assert len(written) == len(questions) and all("answer_targets" in record for record in written)
+    assert json.loads((out / "faults.json").read_text())["skipped"] == {}
+    rows = [row for row in read_metrics(out / "metrics.jsonl") if "qa" in row]
+    assert len(rows) == 60
+    first, last = (sum(row["qa"] for row in part) / 10 for part in (rows[:10], rows[-10:]))
+    assert last < 0.5 * first, (first, last)
+    # the vocabulary is the run's own on resume, and both flags are needed, with the objective
+    assert main(["pretrain", *base, *qa, "--out", str(out), *[arg for pair in sets for arg in ("--set", pair)],
+                 "--set", "qa.min_answer_count=1000"]) == 0
+    assert read_answers(out / "answers.json") == answers
+    capsys.readouterr()
+    assert main(["pretrain", *base, "--out", str(tmp_path / "no-questions"), "--set", "objectives.qa.weight=1"]) == 2
+    assert "--questions" in capsys.readouterr().err
+    assert main(["pretrain", *base, *qa, "--out", str(tmp_path / "no-objective")]) == 2
+    assert "add qa" in capsys.readouterr().err
+    assert main(["pretrain", *base, qa[0], qa[1], "--out", str(tmp_path / "half"), "--set",
+                 "objectives.qa.weight=1"]) == 2
+    assert "--annotations" in capsys.readouterr().err
 
 
 def test_grounded_masking_selects_the_words_the_detector_names(world, features, tokenizer_dir):
@@ -292,6 +349,75 @@ def test_ddp_two_processes_equal_one_process_on_the_concatenated_batch(world, fe
 
 
 # ---------------------------------------------------------------------------------------------------------- faults
+
+
+def test_accelerate_launch_two_ranks_equal_one_process_on_the_concatenated_batches(world, features, tokenizer_dir,
+                                                                                   tmp_path):
+    """The real command under ``accelerate launch --num_processes 2`` (gloo on CPU) with ``mix: sample``.
+
+    Captions are cut to one word ([CLS] w [SEP]), so every MLM sample has exactly one target and each rank's mean
+    loss is the mean over the concatenated batch; the run must then equal one process stepping on both ranks'
+    batches together, which holds only if both ranks drew the same task at every step. Captions of images
+    missing from the store are skipped on both ranks, and faults.json counts them all.
+    """
+    from accelerate.state import AcceleratorState
+
+    from vl.data.vl_masking import concat_batches
+    from vl.objectives import build_objective
+    from vl.train.pretrain_vl import VLPretrainer, batch_plans, build_model, task_objectives
+
+    annotations = json.loads(world.captions("train").read_text())["annotations"][:96]
+    missing = [{"id": 10**6 + i, "image_id": 10**9 + i, "caption": "gone"} for i in range(6)]
+    captions = tmp_path / "captions.json"
+    captions.write_text(json.dumps({"annotations": annotations[:40] + missing + annotations[40:]}))
+    sets = ["train.steps=6", "train.batch_size=8", "train.log_every=1", "train.save_every=0", "train.lr=1e-3",
+            "train.warmup_ratio=0", "train.precision=fp32", "data.num_workers=0", "data.shuffle_buffer=0",
+            "data.max_text_len=3", "model.text.dropout=0", "model.text.attn_dropout=0",
+            "objectives={mlm: {mix: 1}, itm: {mix: 1}}"]
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "vl", "pretrain",
+               "--config", str(CONFIG), "--captions", str(captions), "--features", str(features),
+               "--tokenizer", str(tokenizer_dir), "--out", str(tmp_path / "ddp"),
+               *[arg for pair in sets for arg in ("--set", pair)]]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": str(free_port())}
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    # the reference: this process, with each step's batches of rank 0 and rank 1 concatenated
+    cfg = load_pretrain_config(CONFIG, sets)
+    tokenizer = Tokenizer.from_dir(tokenizer_dir)
+    seed_everything(cfg.train.seed)
+    text = dataclasses.replace(cfg.model.text, vocab_size=max(tokenizer.vocab_size, 8), pad_token_id=tokenizer.pad_id)
+    model, model_cfg, _ = build_model(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, text=text)), None)
+    objectives = {name: build_objective(name, model, spec.options) for name, spec in cfg.objectives.items()}
+    tasks = task_objectives(cfg)
+    module = VLPretrainer(model, objectives, tasks)
+    mixer = TaskMixer({name: spec.mix for name, spec in cfg.objectives.items()}, cfg.train.seed)
+    maker = PretrainBatchMaker(tokenizer, FeatureStore(features), cfg.data, mixer, batch_plans(tasks, objectives),
+                               model_cfg.region.geometry)
+    per_rank = []
+    for rank in range(2):
+        stream = ShardStream([str(captions)], cfg.data.stream_config(cfg.train.batch_size), maker,
+                             seed=cfg.train.seed, rank=rank, world_size=2, check_record=maker.check_record)
+        per_rank.append([{k: v for k, v in batch.items() if not k.startswith("_")}
+                         for batch, _ in zip(stream, range(cfg.train.steps))])
+    steps = []
+    for first, second in zip(*per_rank):
+        assert first["task"] == second["task"]
+        steps.append({**concat_batches([{k: v for k, v in b.items() if k != "task"} for b in (first, second)]),
+                      "task": first["task"]})
+    AcceleratorState._reset_state(reset_partial_state=True)
+    train(module, steps, dataclasses.replace(cfg.train, cpu=True), tmp_path / "single",
+          loss_weights={name: spec.weight for name, spec in cfg.objectives.items()}, plot=False,
+          sampled_losses=True)
+    assert {step["task"] for step in steps} == {"mlm", "itm"}
+    ddp = load_state_file(tmp_path / "ddp" / "model.safetensors")
+    single = load_state_file(tmp_path / "single" / "model.safetensors")
+    worst = max(float((ddp[key] - single[key]).abs().max()) for key in single)
+    assert worst < 1e-5, worst
+    faults = json.loads((tmp_path / "ddp" / "faults.json").read_text())
+    assert faults["ranks"] == 2 and faults["skipped"] == {"missing_features": len(missing)}
+    assert faults["batches"] == 2 * cfg.train.steps
 
 
 def write_shard(path: Path, samples: list[tuple[str, dict]]) -> None:

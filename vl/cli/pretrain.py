@@ -19,7 +19,8 @@ def _pretrain(args: argparse.Namespace) -> int:
     if shards is None and captions is None:
         raise UserError("give --shards PATTERN (image-caption shards) or --captions JSON (COCO captions)")
     result = pretrain_vl(cfg, args.out, args.features, shards=shards, captions=captions, init=args.init,
-                         tokenizer_dir=args.tokenizer, val_shards=args.val_shards, val_batches=args.val_batches)
+                         tokenizer_dir=args.tokenizer, val_shards=args.val_shards, val_batches=args.val_batches,
+                         questions=args.questions, annotations=args.annotations)
     last = result.last
     summary = ", ".join(f"{key} {value:.4g}" for key, value in last.items()
                         if key not in ("step", "lr", "elapsed_s", "samples_per_s", "grad_norm"))
@@ -32,11 +33,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "pretrain",
         help="pretrain a vision-language model on image-caption shards and a feature store",
-        description="Pretrain a single- or dual-stream vision-language model (MLM, MRC, MRC-kl, MRFR, ITM, WRA) "
-                    "on image-caption webdataset shards (or COCO captions JSON) joined with region features by "
-                    "image id. Resumes automatically when --out already holds a checkpoint; SIGTERM or Ctrl-C "
-                    "saves one before exiting. Several processes: `accelerate launch --multi_gpu "
-                    "--num_processes N -m vl pretrain ...` (on a CPU-only machine they train together over gloo).",
+        description="Pretrain a single- or dual-stream vision-language model (MLM, MRC, MRC-kl, MRFR, ITM, WRA, "
+                    "and image QA with --questions) on image-caption webdataset shards (or COCO captions JSON) "
+                    "joined with region features by image id. Resumes automatically when --out already holds a "
+                    "checkpoint; SIGTERM or Ctrl-C saves one before exiting. Several processes: `accelerate "
+                    "launch --multi_gpu --num_processes N -m vl pretrain ...` (on a CPU-only machine they train "
+                    "together over gloo).",
     )
     parser.add_argument("--config", required=True, metavar="F",
                         help="run config (e.g. configs/pretrain-uniter-tiny.yaml)")
@@ -49,6 +51,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         help="start from a run of ours, or a Hugging Face BERT / LXMERT / VisualBERT directory")
     parser.add_argument("--tokenizer", metavar="DIR", help="tokenizer directory with vocab.txt (default: --init's, "
                                                           "else trained on the captions)")
+    parser.add_argument("--questions", metavar="Q", help="VQA v2 questions: image questions beside the captions, "
+                                                       "for the qa objective (LXMERT's image QA); needs --annotations")
+    parser.add_argument("--annotations", metavar="A", help="VQA v2 annotations of --questions (the answer vocabulary "
+                                                         "is built from them and saved as RUN/answers.json)")
     parser.add_argument("--val-shards", metavar="PATTERN",
                         help="held-out shards: per-objective losses and ITM accuracy at train.eval_every")
     parser.add_argument("--val-batches", type=int, default=8, metavar="N", help="held-out batches (default 8)")

@@ -88,12 +88,13 @@ def expand_shards(pattern: str) -> list[str]:
 
 @dataclass(frozen=True)
 class CaptionRecord:
-    """One (image, caption) pair read from a shard."""
+    """One (image, caption) pair read from a shard, or an image question with its answers (``answers``)."""
 
     image_id: int | str
     caption: str
     key: str
     shard: str
+    answers: tuple[tuple[int, float], ...] | None = None  # a question's (answer index, soft score); None: a caption
 
 
 def image_id_of(key: str, meta: dict[str, Any]) -> int | str:
@@ -125,11 +126,26 @@ class FaultCounter:
             raise UserError(f"{self.consecutive} consecutive bad samples in {self.where}; last: {message}")
 
 
+def _answer_targets(value: Any) -> tuple[tuple[int, float], ...] | None:
+    """``[[answer index, score], ...]`` as a tuple of (int, float); None when malformed."""
+    if not isinstance(value, list):
+        return None
+    pairs = []
+    for pair in value:
+        if (not isinstance(pair, list) or len(pair) != 2 or not isinstance(pair[0], int) or pair[0] < 0
+                or not isinstance(pair[1], (int, float)) or not 0.0 <= pair[1] <= 1.0):
+            return None
+        pairs.append((int(pair[0]), float(pair[1])))
+    return tuple(pairs)
+
+
 def read_caption_json_records(path: str, faults: FaultCounter, warn: bool = True) -> Iterator[CaptionRecord]:
     """Caption records of a COCO captions JSON file (``annotations`` with ``image_id`` and ``caption``), in order.
 
-    An unreadable or malformed file is a UserError naming it; an annotation without a usable caption or image id
-    is a ``missing_caption`` fault.
+    An annotation that also has ``answer_targets`` (``[[answer index, score in [0, 1]], ...]``) is an image
+    question for the ``qa`` objective (``vl.train.pretrain_vl.write_question_sources`` writes such files). An
+    unreadable or malformed file is a UserError naming it; an annotation without a usable caption or image id is
+    a ``missing_caption`` fault, one with malformed ``answer_targets`` a ``bad_answers`` fault.
     """
     try:
         with open(path, encoding="utf-8") as handle:
@@ -146,7 +162,14 @@ def read_caption_json_records(path: str, faults: FaultCounter, warn: bool = True
             faults.fault("missing_caption", f"{path}: annotation {position} has no caption or image_id", warn)
             continue
         key = str(annotation.get("id", position))
-        yield CaptionRecord(image_id_of(key, {"image_id": image_id}), caption.strip(), key, path)
+        answers = None
+        if "answer_targets" in annotation:
+            answers = _answer_targets(annotation["answer_targets"])
+            if answers is None:
+                faults.fault("bad_answers", f"{path}: annotation {position} has malformed answer_targets "
+                                            "(expected [[answer index, score in [0, 1]], ...])", warn)
+                continue
+        yield CaptionRecord(image_id_of(key, {"image_id": image_id}), caption.strip(), key, path, answers)
 
 
 def read_records(shard: str, caption_source: str, faults: FaultCounter, warn: bool = True) -> Iterator[CaptionRecord]:

@@ -17,7 +17,8 @@ Batch keys (B captions, T tokens, R regions, D feature width, G geometry width, 
 ``region_boxes`` (B, R, G) (G = 4 normalised x1, y1, x2, y2 when the model reads no boxes); ``region_mask`` (B, R);
 ``image_ids`` (B,) long (string ids hashed); ``task``: the task name (a str); and the targets of the task's
 objectives (``itm_labels``, ``mlm_labels``, ``mrm_mask``, ``mrm_feat_targets``, ``mrm_class_targets``,
-``mrm_class_probs`` (B, R, C); see ``vl.data.vl_masking``).
+``mrm_class_probs`` (B, R, C); see ``vl.data.vl_masking``; with image questions ``answer_targets`` (B, A) and
+``has_answer`` (B,) for ``qa``).
 
 Tasks. ``mix: sample`` (UNITER's MetaLoader): every batch serves ONE objective, drawn with probability
 proportional to its ``mix`` ratio from a generator seeded by (seed, the batch's ordinal). The ordinal is the
@@ -149,12 +150,15 @@ class PretrainBatchMaker:
     tokenizer: ``vl.text.tokenizer.Tokenizer``; store: a ``region_features.store.FeatureStore``; plans: task name ->
     ``VLBatchPlan`` (what the task's objectives need); geometry: the model's ``region.geometry`` ("none" keeps the 4
     normalised corners); with_class_probs: put the detector's class distributions in the batch (MRC / MRC-kl);
-    tagger: a ``vl.data.tags.RegionTagger`` for a model with object tags (``region_tag_ids`` / ``_weights``).
+    tagger: a ``vl.data.tags.RegionTagger`` for a model with object tags (``region_tag_ids`` / ``_weights``);
+    num_answers: > 0 puts ``answer_targets`` (B, num_answers) and ``has_answer`` (B,) in every batch, from the
+    records that are image questions (``CaptionRecord.answers``).
     """
 
     def __init__(self, tokenizer: Any, store: Any, cfg: PretrainDataConfig, mixer: TaskMixer,
                  plans: Mapping[str, VLBatchPlan], geometry: str = "none", with_class_probs: bool = False,
-                 tagger: Any = None):
+                 tagger: Any = None, num_answers: int = 0):
+        self.num_answers = num_answers
         self.tokenizer = tokenizer
         self.store = store
         self.tagger = tagger
@@ -171,7 +175,12 @@ class PretrainBatchMaker:
 
     # ShardStream hooks ------------------------------------------------------------------------------------------
     def check_record(self, record: CaptionRecord) -> tuple[str, str] | None:
-        """A record whose image has no features is a ``missing_features`` fault (an index lookup, no read)."""
+        """A record whose image has no features is a ``missing_features`` fault (an index lookup, no read); a
+        question whose answer index is outside the run's vocabulary is a ``bad_answers`` fault."""
+        if record.answers and max(index for index, _ in record.answers) >= self.num_answers:
+            return ("bad_answers", f"{record.shard}:{record.key}: answer index "
+                                   f"{max(index for index, _ in record.answers)} is outside the run's "
+                                   f"{self.num_answers}-answer vocabulary")
         if record.image_id in self.store:
             return None
         return ("missing_features", f"{record.shard}:{record.key}: image {record.image_id!r} has no features in "
@@ -250,6 +259,13 @@ class PretrainBatchMaker:
         if self.tagger is not None:
             batch["region_tag_ids"] = torch.from_numpy(tag_ids)
             batch["region_tag_weights"] = torch.from_numpy(tag_weights)
+        if self.num_answers:
+            targets = torch.zeros(batch_size, self.num_answers)
+            for row, record in enumerate(records):
+                for index, score in record.answers or ():
+                    targets[row, index] = score
+            batch["answer_targets"] = targets
+            batch["has_answer"] = torch.tensor([record.answers is not None for record in records])
         return batch
 
     def __call__(self, records: Sequence[CaptionRecord], batch_index: int, generator: torch.Generator,

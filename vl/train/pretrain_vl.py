@@ -9,12 +9,20 @@ A run config (``configs/pretrain-*.yaml``) has the sections
 - ``objectives``: name -> ``{weight, mix, options}``: the loss weight, the task's mix ratio (``data.mix: sample``)
   and the objective's constructor options (``vl.objectives.build_objective``);
 - ``train``: the loop's ``TrainConfig``;
-- ``tokenizer``: a tokenizer directory, optional (see ``resolve_tokenizer``).
+- ``tokenizer``: a tokenizer directory, optional (see ``resolve_tokenizer``);
+- ``qa``: ``QAConfig``, the answer vocabulary of image questions.
+
+Image questions (LXMERT's fifth task). With ``--questions Q --annotations A`` (VQA v2 files) the questions join
+the captions as text (MLM, ITM and the rest read them as they read captions) and train the ``qa`` objective on
+their soft answer scores. The answer vocabulary (``qa.min_answer_count``) is saved as ``answers.json``; the
+questions are written into ``qa/questions-*.json`` (COCO captions layout plus ``answer_targets``), as many parts
+as there are caption sources, and read as extra sources beside the captions.
 
 The run directory holds what the loop writes (``vl.train.loop``) plus ``vocab.txt`` / ``tokenizer_config.json``
-and ``faults.json`` (samples skipped, by kind). Its ``model.safetensors`` is a ``VLPretrainingModel`` state dict
-(``fusion.*``, ``heads.*``) and its ``config.yaml`` has ``model:`` and ``heads:`` sections, so it loads with
-``vl.checkpoints.vl_run.load_vl_run`` and serves as ``--init`` of fine-tuning or further pretraining.
+and ``faults.json`` (samples skipped, by kind, summed over ranks). Its ``model.safetensors`` is a
+``VLPretrainingModel`` state dict (``fusion.*``, ``heads.*``) and its ``config.yaml`` has ``model:`` and ``heads:``
+sections, so it loads with ``vl.checkpoints.vl_run.load_vl_run`` and serves as ``--init`` of fine-tuning or further
+pretraining.
 """
 
 from __future__ import annotations
@@ -27,7 +35,7 @@ import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -46,7 +54,9 @@ from vl.text.tokenizer import Tokenizer
 from vl.train.loop import TrainConfig, TrainResult, make_accelerator, seed_everything, train
 
 CAPTION_OBJECTIVES = ("mlm", "mrc", "mrc_kl", "mrfr", "itm", "wra")  # what image-caption data can train
+PRETRAIN_OBJECTIVES = (*CAPTION_OBJECTIVES, "qa")  # qa: image questions given with --questions / --annotations
 FAULTS_FILE = "faults.json"
+QUESTIONS_DIR = "qa"
 
 
 @dataclass(frozen=True)
@@ -67,6 +77,18 @@ def _default_objectives() -> dict[str, ObjectiveSpec]:
 
 
 @dataclass(frozen=True)
+class QAConfig:
+    """The ``qa:`` section: the answer vocabulary built from ``--annotations`` (as ``vl finetune vqa`` builds it)."""
+
+    min_answer_count: int = 9  # answers given fewer times are left out (9 gives VQA v2's 3,129)
+    answer_counting: Literal["multiple_choice", "all"] = "multiple_choice"  # per question, or every annotator
+
+    def __post_init__(self):
+        if self.min_answer_count < 1:
+            raise ValueError(f"min_answer_count must be >= 1, got {self.min_answer_count}")
+
+
+@dataclass(frozen=True)
 class VLPretrainConfig:
     """A vision-language pretraining run (see the module docstring)."""
 
@@ -78,20 +100,20 @@ class VLPretrainConfig:
     tokenizer: str | None = None  # a tokenizer directory (vocab.txt); None: --init's, else trained on the captions
     tokenizer_min_frequency: int = 2  # a tokenizer trained on the captions: least count of a merged piece
     tokenizer_max_captions: int = 200_000  # ... trained on at most this many captions
+    qa: QAConfig = field(default_factory=QAConfig)
     # Recorded by the command, for reproducibility:
     init: str | None = None
     shards: str | None = None
     features: str | None = None
+    questions: str | None = None
+    annotations: str | None = None
 
     def __post_init__(self):
         if not self.objectives:
             raise ValueError("objectives: list at least one objective")
         for name in self.objectives:
-            if name not in CAPTION_OBJECTIVES:
-                known = ", ".join(CAPTION_OBJECTIVES)
-                extra = " ('qa' needs question-answer data, not captions)" if name == "qa" else ""
-                raise ValueError(f"objective '{name}' cannot be pretrained on image-caption data (known: {known})"
-                                 f"{extra}")
+            if name not in PRETRAIN_OBJECTIVES:
+                raise ValueError(f"objective '{name}' cannot be pretrained (known: {', '.join(PRETRAIN_OBJECTIVES)})")
         if self.data.mix == "sample" and not any(spec.mix > 0 for spec in self.objectives.values()):
             raise ValueError("data.mix 'sample' needs an objective with mix > 0")
 
@@ -193,6 +215,48 @@ def resolve_sources(shards: str | None, captions: str | None) -> list[str]:
     return sources
 
 
+def write_question_sources(out: Path, cfg: VLPretrainConfig, questions: str, annotations: str, parts: int,
+                           init: str | None) -> tuple[list[str], list[str]]:
+    """The answer vocabulary and the question files of a run that pretrains on image questions (``qa``).
+
+    The vocabulary is the run's own ``answers.json`` (a resumed run), else ``--init``'s, else built from the
+    annotations (``cfg.qa``). Every question becomes a record with its soft answer scores (``vl finetune vqa``'s
+    targets), written round-robin into ``parts`` files ``out/qa/questions-NNNNN.json``. Returns (answers, paths).
+    """
+    from vl.data.formats import check_questions_match, read_vqa_annotations, read_vqa_questions
+    from vl.tasks.vqa import ANSWERS_FILE, build_answer_vocab, read_answers, soft_targets, write_answers
+
+    question_list = read_vqa_questions(questions)
+    annotation_list = read_vqa_annotations(annotations)
+    check_questions_match(question_list, annotation_list, questions, annotations)
+    if (out / ANSWERS_FILE).is_file():
+        answers = read_answers(out / ANSWERS_FILE)
+    elif init is not None and (Path(init) / ANSWERS_FILE).is_file():
+        answers = read_answers(Path(init) / ANSWERS_FILE)
+    else:
+        answers = build_answer_vocab(annotation_list, cfg.qa.min_answer_count, cfg.qa.answer_counting)
+        if not answers:
+            raise UserError(f"no answer of --annotations {annotations} occurs {cfg.qa.min_answer_count} times or "
+                            "more: lower qa.min_answer_count")
+    index = {answer: position for position, answer in enumerate(answers)}
+    by_question = {annotation.question_id: annotation for annotation in annotation_list}
+    records = [{"id": question.question_id, "image_id": question.image_id, "caption": question.question,
+                "answer_targets": sorted([answer, score] for answer, score in
+                                         soft_targets(by_question[question.question_id].answer_strings,
+                                                      index).items())}
+               for question in question_list]
+    folder = out / QUESTIONS_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    count = max(1, min(parts, len(records)))
+    paths = []
+    for part in range(count):
+        path = folder / f"questions-{part:05d}.json"
+        atomic_write_text(path, json.dumps({"annotations": records[part::count]}) + "\n")
+        paths.append(str(path))
+    write_answers(answers, out / ANSWERS_FILE)
+    return answers, paths
+
+
 def _captions_for_tokenizer(sources: Sequence[str], caption_source: str, limit: int) -> list[str]:
     faults = FaultCounter(0, "tokenizer training")
     captions: list[str] = []
@@ -229,12 +293,15 @@ def resolve_tokenizer(out: Path, cfg: VLPretrainConfig, sources: Sequence[str], 
     return tokenizer
 
 
-def _union_heads(base: HeadsConfig, wanted: HeadsConfig) -> HeadsConfig:
+def _union_heads(base: HeadsConfig, wanted: HeadsConfig, init: str) -> HeadsConfig:
     outputs = dict(base.region_outputs)
     for name, width in wanted.region_outputs.items():
         outputs.setdefault(name, width)
+    if base.num_answers and wanted.num_answers and base.num_answers != wanted.num_answers:
+        raise UserError(f"--init {init} has an answer head of {base.num_answers} answers but the run's answer "
+                        f"vocabulary has {wanted.num_answers}; put the init's answers.json beside its weights")
     return HeadsConfig(mlm=base.mlm or wanted.mlm, itm=base.itm or wanted.itm, region_outputs=outputs,
-                       num_answers=base.num_answers)
+                       num_answers=base.num_answers or wanted.num_answers)
 
 
 def build_model(cfg: VLPretrainConfig, init: str | None) -> tuple[VLPretrainingModel, FusionConfig, HeadsConfig]:
@@ -261,7 +328,7 @@ def build_model(cfg: VLPretrainConfig, init: str | None) -> tuple[VLPretrainingM
     loaded = load_vl_checkpoint(init)
     if loaded.cfg != cfg.model:
         _note(f"the model architecture comes from --init {init}; the config's model section is not used")
-    heads = _union_heads(loaded.heads.cfg, cfg.heads)
+    heads = _union_heads(loaded.heads.cfg, cfg.heads, init)
     if heads == loaded.heads.cfg:
         return loaded, loaded.cfg, heads
     model = build_pretraining_model(loaded.cfg, heads)
@@ -351,7 +418,8 @@ def heldout_batches(maker: PretrainBatchMaker, sources: Sequence[str], batch_siz
     with ``prepared=False`` plain (every pair matched, nothing masked)."""
     plan = _union_plan(maker.plans.values()) if prepared else VLBatchPlan()
     eval_maker = PretrainBatchMaker(maker.tokenizer, maker.store, maker.cfg, TaskMixer({SUM_TASK: 1.0}, seed, True),
-                                    {SUM_TASK: plan}, maker.geometry, maker.with_class_probs, maker.tagger)
+                                    {SUM_TASK: plan}, maker.geometry, maker.with_class_probs, maker.tagger,
+                                    maker.num_answers)
     stream = ShardStream(list(sources), StreamConfig(batch_size=batch_size, shuffle_buffer=0, shuffle_shards=False,
                                                      epochs=1, caption_source=maker.cfg.caption_source,
                                                      max_consecutive_faults=0, drop_last=False),
@@ -466,12 +534,14 @@ def summarize_faults(counts: Mapping[str, int], batches: int, batch_size: int) -
 
 def pretrain_vl(cfg: VLPretrainConfig, out: str | os.PathLike, features: str, shards: str | None = None,
                 captions: str | None = None, init: str | None = None, tokenizer_dir: str | None = None,
-                val_shards: str | None = None, val_batches: int = 8, plot: bool = True) -> TrainResult:
+                val_shards: str | None = None, val_batches: int = 8, plot: bool = True,
+                questions: str | None = None, annotations: str | None = None) -> TrainResult:
     """Pretrain into run directory ``out`` (resuming from its latest checkpoint when it has one).
 
     features: the region feature store; shards / captions: the image-caption source (``resolve_sources``);
     init / tokenizer_dir: see ``build_model`` and ``resolve_tokenizer``; val_shards: held-out shards evaluated
-    every ``train.eval_every`` steps and at the end; plot: draw ``loss.png`` at the end.
+    every ``train.eval_every`` steps and at the end; plot: draw ``loss.png`` at the end; questions / annotations:
+    VQA v2 files of image questions for the ``qa`` objective (see the module docstring).
     """
     from accelerate.utils import DistributedDataParallelKwargs
 
@@ -481,6 +551,13 @@ def pretrain_vl(cfg: VLPretrainConfig, out: str | os.PathLike, features: str, sh
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} exists and is not a directory")
     sources = resolve_sources(shards, captions)
+    if (questions is None) != (annotations is None):
+        raise UserError("give both --questions and --annotations (VQA v2 files), or neither")
+    if "qa" in cfg.objectives and questions is None:
+        raise UserError("objective 'qa' trains on image questions: give --questions Q --annotations A (VQA v2)")
+    if questions is not None and "qa" not in cfg.objectives:
+        raise UserError(f"--questions {questions} trains the qa objective, which the config's objectives do not "
+                        "list: add qa to them")
     val_sources = expand_shards(val_shards) if val_shards is not None else None
     store = FeatureStore(features)
     # On a machine without a GPU, cpu=True makes processes started by a launcher train together (gloo).
@@ -492,15 +569,21 @@ def pretrain_vl(cfg: VLPretrainConfig, out: str | os.PathLike, features: str, sh
     else:
         accelerator = make_accelerator(cfg.train.precision, cpu)
     out.mkdir(parents=True, exist_ok=True)
+    answers: list[str] = []
     with accelerator.main_process_first():
+        if questions is not None:
+            answers, question_sources = write_question_sources(out, cfg, questions, annotations, len(sources), init)
+            sources = [*sources, *question_sources]
         tokenizer = resolve_tokenizer(out, cfg, sources, init, tokenizer_dir)
 
     seed_everything(cfg.train.seed)
     model_cfg, heads_cfg = cfg.model, cfg.heads
+    if answers:
+        heads_cfg = dataclasses.replace(heads_cfg, num_answers=len(answers))
     if init is None:
         model_cfg = dataclasses.replace(model_cfg, text=dataclasses.replace(
             model_cfg.text, vocab_size=max(tokenizer.vocab_size, 8), pad_token_id=tokenizer.pad_id))
-    model, model_cfg, heads_cfg = build_model(dataclasses.replace(cfg, model=model_cfg), init)
+    model, model_cfg, heads_cfg = build_model(dataclasses.replace(cfg, model=model_cfg, heads=heads_cfg), init)
     check_compatibility(cfg, model_cfg, heads_cfg, store, tokenizer)
     objectives = {name: build_objective(name, model, spec.options) for name, spec in cfg.objectives.items()}
     tasks = task_objectives(cfg)
@@ -510,7 +593,7 @@ def pretrain_vl(cfg: VLPretrainConfig, out: str | os.PathLike, features: str, sh
     mixer = TaskMixer({name: spec.mix for name, spec in cfg.objectives.items()}, cfg.train.seed,
                       sum_all=cfg.data.mix == "sum")
     maker = PretrainBatchMaker(tokenizer, store, cfg.data, mixer, plans, model_cfg.region.geometry, with_probs,
-                               region_tagger(store, tokenizer, model_cfg))
+                               region_tagger(store, tokenizer, model_cfg), num_answers=len(answers))
     stream = ShardStream(sources, cfg.data.stream_config(cfg.train.batch_size), maker, seed=cfg.train.seed,
                          rank=accelerator.process_index, world_size=accelerator.num_processes,
                          check_record=maker.check_record,
@@ -525,17 +608,33 @@ def pretrain_vl(cfg: VLPretrainConfig, out: str | os.PathLike, features: str, sh
             return evaluate_heldout(trained, eval_batches)
 
     resolved = dataclasses.replace(cfg, model=model_cfg, heads=heads_cfg, init=init, shards=shards or captions,
-                                   features=str(features))
+                                   features=str(features), questions=questions, annotations=annotations)
     weights = {name: spec.weight for name, spec in cfg.objectives.items()}
     result = None
     try:
         result = train(module, data, cfg.train, out, loss_weights=weights, run_config=resolved, evaluate=evaluate,
                        accelerator=accelerator, desc="pretrain", plot=plot, sampled_losses=cfg.data.mix == "sample")
     finally:
-        counts = data.fault_counts()
+        counts, batches = data.fault_counts(), data.batches
         rank = f"rank {accelerator.process_index}: " if accelerator.num_processes > 1 else ""
-        _note(rank + summarize_faults(counts, data.batches, cfg.train.batch_size))
+        _note(rank + summarize_faults(counts, batches, cfg.train.batch_size))
+        ranks = 1
+        if result is not None and accelerator.num_processes > 1:  # every rank got here: gather (never after a crash)
+            counts, batches, ranks = _sum_over_ranks(counts, batches)
         if accelerator.is_main_process:
-            atomic_write_text(out / FAULTS_FILE, json.dumps({"skipped": counts, "batches": data.batches,
-                                                             "rank": accelerator.process_index}, indent=2) + "\n")
+            atomic_write_text(out / FAULTS_FILE, json.dumps({"skipped": counts, "batches": batches, "ranks": ranks},
+                                                            indent=2) + "\n")
     return result
+
+
+def _sum_over_ranks(counts: Mapping[str, int], batches: int) -> tuple[dict[str, int], int, int]:
+    """Fault counts and batches summed over every rank of the process group, and the number of ranks."""
+    import torch.distributed as dist
+
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, (dict(counts), batches))
+    total: dict[str, int] = {}
+    for rank_counts, _ in gathered:
+        for kind, count in rank_counts.items():
+            total[kind] = total.get(kind, 0) + count
+    return total, sum(rank_batches for _, rank_batches in gathered), len(gathered)
