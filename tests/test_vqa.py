@@ -3,6 +3,7 @@ prediction and evaluation end to end on the generated world, ``vl vqa`` on one i
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -253,6 +254,26 @@ def test_predict_with_shuffled_images(world, vqa_run, tmp_path):
     assert main([*common, "--out", str(blind), "--shuffle-images", "0"]) == 0
     real_answers, blind_answers = json.loads(real.read_text()), json.loads(blind.read_text())
     assert [a["question_id"] for a in blind_answers] == [a["question_id"] for a in real_answers]
+    # the control is exactly the model asked each question about another image: a derangement of the images
+    questions = json.loads(world.vqa_questions("val").read_text())
+
+    @dataclasses.dataclass(frozen=True)
+    class Asked:
+        question_id: int
+        image_id: int
+
+    moved = {q.question_id: q.image_id for q in shuffled_images(
+        [Asked(q["question_id"], q["image_id"]) for q in questions["questions"]], 0)}
+    assert all(moved[q["question_id"]] != q["image_id"] for q in questions["questions"])
+    images = sorted({q["image_id"] for q in questions["questions"]})
+    assert sorted(set(moved.values())) == images
+    swapped = tmp_path / "swapped_questions.json"
+    swapped.write_text(json.dumps({**questions, "questions": [{**q, "image_id": moved[q["question_id"]]}
+                                                              for q in questions["questions"]]}))
+    asked = tmp_path / "asked.json"
+    assert main(["predict", "vqa", "--run", str(run), "--questions", str(swapped), "--features", str(store),
+                 "--out", str(asked)]) == 0
+    assert json.loads(asked.read_text()) == blind_answers
 
 
 def test_vqa_one_image_end_to_end(world, vqa_run, tmp_path, capsys):
