@@ -624,6 +624,10 @@ def pretrain_vl(cfg: VLPretrainConfig, out: str | os.PathLike, features: str, sh
         if accelerator.is_main_process:
             atomic_write_text(out / FAULTS_FILE, json.dumps({"skipped": counts, "batches": batches, "ranks": ranks},
                                                             indent=2) + "\n")
+        if result is not None and accelerator.num_processes > 1:
+            # every rank leaves together and closes the group: a rank exiting with gloo's threads alive aborts
+            accelerator.wait_for_everyone()
+            accelerator.end_training()
     return result
 
 
