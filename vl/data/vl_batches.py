@@ -177,9 +177,9 @@ class PretrainBatchMaker:
     def check_record(self, record: CaptionRecord) -> tuple[str, str] | None:
         """A record whose image has no features is a ``missing_features`` fault (an index lookup, no read); a
         question whose answer index is outside the run's vocabulary is a ``bad_answers`` fault."""
-        if record.answers and max(index for index, _ in record.answers) >= self.num_answers:
-            return ("bad_answers", f"{record.shard}:{record.key}: answer index "
-                                   f"{max(index for index, _ in record.answers)} is outside the run's "
+        largest = max((index for index, _ in record.answers or ()), default=-1)
+        if largest >= self.num_answers:
+            return ("bad_answers", f"{record.shard}:{record.key}: answer index {largest} is outside the run's "
                                    f"{self.num_answers}-answer vocabulary")
         if record.image_id in self.store:
             return None

@@ -185,6 +185,20 @@ def build_answer_vocab(annotations: Sequence[VqaAnnotation], min_count: int,
     return [answer for answer, _ in sorted(kept, key=lambda item: (-item[1], item[0]))]
 
 
+def saved_or_built_answers(saved: Sequence[str | os.PathLike], annotations: Sequence[VqaAnnotation],
+                           min_count: int, counting: AnswerCounting, what: str, key: str) -> list[str]:
+    """The vocabulary of the first existing ``answers.json`` among ``saved``, else built from ``annotations``
+    (``build_answer_vocab``); a UserError naming ``what`` (the annotations' flag and path) and the config ``key``
+    to lower when no answer is frequent enough."""
+    for path in saved:
+        if Path(path).is_file():
+            return read_answers(path)
+    answers = build_answer_vocab(annotations, min_count, counting)
+    if not answers:
+        raise UserError(f"no answer of {what} occurs {min_count} times or more: lower {key}")
+    return answers
+
+
 def soft_targets(gt_answers: Sequence[str], answer_index: dict[str, int]) -> dict[int, float]:
     """``{vocabulary index: score}`` for every vocabulary answer among the annotators' (normalised) answers, the
     score being the official leave-one-annotator-out accuracy of predicting it (``vqa_accuracy``)."""
@@ -386,13 +400,8 @@ def finetune_vqa(cfg: VqaFinetuneConfig, init: str, train_questions: str | os.Pa
     store = open_store(features)
     vcfg = cfg.vqa
 
-    if (out / ANSWERS_FILE).is_file():
-        answers = read_answers(out / ANSWERS_FILE)
-    else:
-        answers = build_answer_vocab(annotations, vcfg.min_answer_count, vcfg.answer_counting)
-        if not answers:
-            raise UserError(f"no answer of --train-annotations {train_annotations} occurs {vcfg.min_answer_count} "
-                            "times or more: lower vqa.min_answer_count")
+    answers = saved_or_built_answers([out / ANSWERS_FILE], annotations, vcfg.min_answer_count, vcfg.answer_counting,
+                                     f"--train-annotations {train_annotations}", "vqa.min_answer_count")
     answer_index = {answer: index for index, answer in enumerate(answers)}
 
     seed_everything(cfg.train.seed)

@@ -32,6 +32,7 @@ import json
 import os
 import sys
 import tempfile
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -224,20 +225,14 @@ def write_question_sources(out: Path, cfg: VLPretrainConfig, questions: str, ann
     targets), written round-robin into ``parts`` files ``out/qa/questions-NNNNN.json``. Returns (answers, paths).
     """
     from vl.data.formats import check_questions_match, read_vqa_annotations, read_vqa_questions
-    from vl.tasks.vqa import ANSWERS_FILE, build_answer_vocab, read_answers, soft_targets, write_answers
+    from vl.tasks.vqa import ANSWERS_FILE, saved_or_built_answers, soft_targets, write_answers
 
     question_list = read_vqa_questions(questions)
     annotation_list = read_vqa_annotations(annotations)
     check_questions_match(question_list, annotation_list, questions, annotations)
-    if (out / ANSWERS_FILE).is_file():
-        answers = read_answers(out / ANSWERS_FILE)
-    elif init is not None and (Path(init) / ANSWERS_FILE).is_file():
-        answers = read_answers(Path(init) / ANSWERS_FILE)
-    else:
-        answers = build_answer_vocab(annotation_list, cfg.qa.min_answer_count, cfg.qa.answer_counting)
-        if not answers:
-            raise UserError(f"no answer of --annotations {annotations} occurs {cfg.qa.min_answer_count} times or "
-                            "more: lower qa.min_answer_count")
+    saved = [out / ANSWERS_FILE, *([Path(init) / ANSWERS_FILE] if init is not None else [])]
+    answers = saved_or_built_answers(saved, annotation_list, cfg.qa.min_answer_count, cfg.qa.answer_counting,
+                                     f"--annotations {annotations}", "qa.min_answer_count")
     index = {answer: position for position, answer in enumerate(answers)}
     by_question = {annotation.question_id: annotation for annotation in annotation_list}
     records = [{"id": question.question_id, "image_id": question.image_id, "caption": question.question,
@@ -619,12 +614,13 @@ def pretrain_vl(cfg: VLPretrainConfig, out: str | os.PathLike, features: str, sh
         rank = f"rank {accelerator.process_index}: " if accelerator.num_processes > 1 else ""
         _note(rank + summarize_faults(counts, batches, cfg.train.batch_size))
         ranks = 1
-        if result is not None and accelerator.num_processes > 1:  # every rank got here: gather (never after a crash)
+        together = result is not None and accelerator.num_processes > 1  # every rank got here (never after a crash)
+        if together:
             counts, batches, ranks = _sum_over_ranks(counts, batches)
         if accelerator.is_main_process:
             atomic_write_text(out / FAULTS_FILE, json.dumps({"skipped": counts, "batches": batches, "ranks": ranks},
                                                             indent=2) + "\n")
-        if result is not None and accelerator.num_processes > 1:
+        if together:
             # every rank leaves together and closes the group: a rank exiting with gloo's threads alive aborts
             accelerator.wait_for_everyone()
             accelerator.end_training()
@@ -637,8 +633,7 @@ def _sum_over_ranks(counts: Mapping[str, int], batches: int) -> tuple[dict[str, 
 
     gathered: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, (dict(counts), batches))
-    total: dict[str, int] = {}
+    total: Counter[str] = Counter()
     for rank_counts, _ in gathered:
-        for kind, count in rank_counts.items():
-            total[kind] = total.get(kind, 0) + count
-    return total, sum(rank_batches for _, rank_batches in gathered), len(gathered)
+        total.update(rank_counts)
+    return dict(total), sum(rank_batches for _, rank_batches in gathered), len(gathered)
