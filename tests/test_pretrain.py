@@ -110,6 +110,24 @@ def test_question_records_carry_answer_targets_and_captions_none(world, features
     assert maker.check_record(outside)[0] == "bad_answers"
 
 
+def test_interleaved_sources_mix_from_the_first_batch(tmp_path):
+    """With ``interleave`` a consumer reads its shards side by side (captions, then questions would otherwise
+    arrive only after every caption shard); the order is fixed, so resume is unchanged."""
+    for name, count in (("captions", 6), ("questions", 3)):
+        rows = [{"id": i, "image_id": i, "caption": f"{name} {i}"} for i in range(count)]
+        (tmp_path / f"{name}.json").write_text(json.dumps({"annotations": rows}))
+    sources = [str(tmp_path / "captions.json"), str(tmp_path / "questions.json")]
+
+    def order(interleave: bool) -> list[str]:
+        cfg = StreamConfig(batch_size=1, shuffle_buffer=0, shuffle_shards=False, epochs=1, interleave=interleave)
+        stream = ShardStream(sources, cfg, lambda records, index, generator: {"caption": records[0].caption})
+        return [batch["caption"] for batch in stream]
+
+    assert order(False)[:3] == ["captions 0", "captions 1", "captions 2"]
+    assert order(True) == ["captions 0", "questions 0", "captions 1", "questions 1", "captions 2", "questions 2",
+                           "captions 3", "captions 4", "captions 5"]
+
+
 def test_qa_pretraining_on_vqa_questions_beside_the_captions(world, features, tokenizer_dir, tmp_path, capsys):
     """LXMERT's fifth task through the real command: the questions join the captions, the answer vocabulary is
     saved in the run, and the qa loss falls."""
@@ -133,7 +151,7 @@ def test_qa_pretraining_on_vqa_questions_beside_the_captions(world, features, to
     assert len(written) == len(questions) and all("answer_targets" in record for record in written)
     assert json.loads((out / "faults.json").read_text())["skipped"] == {}
     rows = [row for row in read_metrics(out / "metrics.jsonl") if "qa" in row]
-    assert len(rows) == 60
+    assert len(rows) == 60 and all(row["qa"] > 0 for row in rows[:5])  # questions from the first batches on
     first, last = (sum(row["qa"] for row in part) / 10 for part in (rows[:10], rows[-10:]))
     assert last < 0.5 * first, (first, last)
     # the vocabulary is the run's own on resume, and both flags are needed, with the objective

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import glob
 import inspect
+import itertools
 import json
 import os
 import random
@@ -236,6 +237,9 @@ class StreamConfig:
     drop_last: bool = True  # drop an epoch's incomplete last batch (keeps every batch the same size)
     bucket_pool: int = 0  # length bucketing: records sorted by length in pools of this many; 0: off
     max_tokens: int = 0  # with bucketing: at most this many padded tokens per batch (and batch_size records); 0: off
+    # read a consumer's shards side by side, a record from each in turn (every shard open at once), instead of one
+    # after another: sources of different kinds (captions, questions) then mix from the first batch
+    interleave: bool = False
 
     def __post_init__(self):
         if self.batch_size <= 0:
@@ -320,25 +324,25 @@ class ShardStream(IterableDataset):
             rng = random.Random(f"{self.seed}-buffer-{epoch}-{self.rank}-{worker}")
             buffer: list[CaptionRecord] = []
             produced = 0
-            for shard in shards:
-                for position, record in enumerate(read_records(shard, self.cfg.caption_source, faults,
-                                                               warn=not replaying())):
-                    if keep_every > 1 and position % keep_every != keep_offset:
+            per_shard = [enumerate(read_records(shard, self.cfg.caption_source, faults, warn=not replaying()))
+                         for shard in shards]  # generators: a shard is opened when first read
+            for position, record in _round_robin(per_shard) if self.cfg.interleave else itertools.chain(*per_shard):
+                if keep_every > 1 and position % keep_every != keep_offset:
+                    continue
+                if self.check_record is not None:
+                    problem = self.check_record(record)
+                    if problem is not None:
+                        faults.fault(problem[0], problem[1], warn=not replaying())
                         continue
-                    if self.check_record is not None:
-                        problem = self.check_record(record)
-                        if problem is not None:
-                            faults.fault(problem[0], problem[1], warn=not replaying())
-                            continue
-                    produced += 1
-                    if self.cfg.shuffle_buffer > 1:
-                        buffer.append(record)
-                        if len(buffer) >= self.cfg.shuffle_buffer:
-                            index = rng.randrange(len(buffer))
-                            buffer[index], buffer[-1] = buffer[-1], buffer[index]
-                            yield epoch, buffer.pop()
-                    else:
-                        yield epoch, record
+                produced += 1
+                if self.cfg.shuffle_buffer > 1:
+                    buffer.append(record)
+                    if len(buffer) >= self.cfg.shuffle_buffer:
+                        index = rng.randrange(len(buffer))
+                        buffer[index], buffer[-1] = buffer[-1], buffer[index]
+                        yield epoch, buffer.pop()
+                else:
+                    yield epoch, record
             rng.shuffle(buffer)
             for record in buffer:
                 yield epoch, record
@@ -453,6 +457,22 @@ class ShardStream(IterableDataset):
             batch["_ordinal"] = ordinal
             batch["_faults"] = dict(faults.counts)
             yield batch
+
+
+def _round_robin(iterators: list[Iterator[Any]]) -> Iterator[Any]:
+    """One item from each iterator in turn, dropping each when it runs out."""
+    active = list(iterators)
+    while active:
+        still = []
+        for iterator in active:
+            item = next(iterator, _DONE)
+            if item is not _DONE:
+                still.append(iterator)
+                yield item
+        active = still
+
+
+_DONE = object()
 
 
 def hash_seed(*parts: int) -> int:

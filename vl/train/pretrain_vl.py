@@ -16,7 +16,7 @@ Image questions (LXMERT's fifth task). With ``--questions Q --annotations A`` (V
 the captions as text (MLM, ITM and the rest read them as they read captions) and train the ``qa`` objective on
 their soft answer scores. The answer vocabulary (``qa.min_answer_count``) is saved as ``answers.json``; the
 questions are written into ``qa/questions-*.json`` (COCO captions layout plus ``answer_targets``), as many parts
-as there are caption sources, and read as extra sources beside the captions.
+as there are caption sources, and read side by side with the captions (``StreamConfig.interleave``).
 
 The run directory holds what the loop writes (``vl.train.loop``) plus ``vocab.txt`` / ``tokenizer_config.json``
 and ``faults.json`` (samples skipped, by kind, summed over ranks). Its ``model.safetensors`` is a
@@ -589,7 +589,10 @@ def pretrain_vl(cfg: VLPretrainConfig, out: str | os.PathLike, features: str, sh
                       sum_all=cfg.data.mix == "sum")
     maker = PretrainBatchMaker(tokenizer, store, cfg.data, mixer, plans, model_cfg.region.geometry, with_probs,
                                region_tagger(store, tokenizer, model_cfg), num_answers=len(answers))
-    stream = ShardStream(sources, cfg.data.stream_config(cfg.train.batch_size), maker, seed=cfg.train.seed,
+    stream_cfg = cfg.data.stream_config(cfg.train.batch_size)
+    if questions is not None:  # questions and captions side by side, not the questions after every caption
+        stream_cfg = dataclasses.replace(stream_cfg, interleave=True)
+    stream = ShardStream(sources, stream_cfg, maker, seed=cfg.train.seed,
                          rank=accelerator.process_index, world_size=accelerator.num_processes,
                          check_record=maker.check_record,
                          length_of=maker.length_of if cfg.data.bucket_pool else None)
