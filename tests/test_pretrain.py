@@ -29,7 +29,8 @@ from vl.data.vl_masking import VLBatchPlan, VLMaskingConfig
 from vl.data.world_features import write_world_features
 from vl.errors import UserError
 from vl.text.tokenizer import Tokenizer
-from vl.train.loop import TrainConfig, TrainingStopped, latest_checkpoint, list_checkpoints, seed_everything, train
+from vl.train.checkpoint import latest_checkpoint, list_checkpoints
+from vl.train.loop import TrainConfig, TrainingStopped, seed_everything, train
 from vl.train.plot import read_metrics
 from vl.train.pretrain_vl import load_pretrain_config, pretrain_vl
 

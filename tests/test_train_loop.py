@@ -16,7 +16,8 @@ from vl.encoders.bert import BertPretrainingModel
 from vl.encoders.text import TextEncoderConfig
 from vl.objectives.text import TextPretrainingModel
 from vl.text.tokenizer import Tokenizer
-from vl.train.loop import (TrainConfig, build_optimizer, clipped_step, decay_parameter_groups, list_checkpoints,
+from vl.train.checkpoint import list_checkpoints
+from vl.train.loop import (TrainConfig, build_optimizer, clipped_step, decay_parameter_groups,
                            seed_everything, train)
 from vl.train.pretrain_text import TextDataConfig, TextPretrainConfig, build_text_stream
 from vl.train.schedule import lr_multiplier

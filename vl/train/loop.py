@@ -33,12 +33,8 @@ and stop with ``TrainingStopped``. Under several processes every rank takes thes
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import os
-import random
-import re
-import shutil
 import signal
 import threading
 import time
@@ -47,27 +43,32 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from vl.progress import progress_bar
-
-from vl.checkpoints.io import load_into, load_state_file, save_weights
-from vl.atomic import atomic_directory, restore_aside
-from vl.config import atomic_write_text, save_config
+from vl.checkpoints.io import save_weights
+from vl.config import save_config
 from vl.errors import UserError
+from vl.progress import progress_bar
+from vl.train.checkpoint import (
+    WEIGHTS_FILE,
+    capture_snapshot,
+    data_state,
+    latest_checkpoint,
+    load_model_weights,
+    model_state_for_saving,
+    own_snapshot,
+    read_train_state,
+    save_checkpoint,
+    seed_everything,
+    set_rng_state,
+    truncate_metrics,
+)
 from vl.train.schedule import SCHEDULES, ScheduleName, build_scheduler
 
-CHECKPOINTS_DIR = "checkpoints"
-WEIGHTS_FILE = "model.safetensors"
-TRAIN_STATE_FILE = "train_state.pt"
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "loss.png"
-TRAIN_STATE_VERSION = 1
-_STEP_DIR = re.compile(r"^step-(\d+)$")
-_ASIDE_DIR = re.compile(r"^\.(step-\d+)\.replaced-")  # vl.atomic's name for a replaced directory
 
 
 @dataclass(frozen=True)
@@ -136,41 +137,6 @@ class TrainingStopped(UserError):
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Seeding and RNG state
-
-
-def seed_everything(seed: int) -> None:
-    """Seed python's, numpy's and torch's global generators (call before building the model)."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def rng_state() -> dict[str, Any]:
-    """The global RNG states as tensors and plain values (loadable with ``weights_only=True``)."""
-    version, mt_state, gauss = random.getstate()
-    _, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
-    return {
-        "python": {"version": int(version), "state": torch.tensor(mt_state, dtype=torch.int64), "gauss": gauss},
-        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
-                  "cached_gaussian": float(cached_gaussian)},
-        "torch": torch.get_rng_state(),
-        "cuda": list(torch.cuda.get_rng_state_all()) if torch.cuda.is_available() else [],
-    }
-
-
-def set_rng_state(state: Mapping[str, Any]) -> None:
-    py = state["python"]
-    random.setstate((py["version"], tuple(int(x) for x in py["state"].tolist()), py["gauss"]))
-    npy = state["numpy"]
-    np.random.set_state(("MT19937", npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"],
-                         npy["cached_gaussian"]))
-    torch.set_rng_state(state["torch"])
-    if state.get("cuda") and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-# --------------------------------------------------------------------------------------------------------------
 # Optimizer
 
 
@@ -219,133 +185,6 @@ def clipped_step(optimizer: torch.optim.Optimizer, params: list[nn.Parameter], m
     finally:
         del inner.grad_scale
     return norm
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Checkpoints
-
-
-def list_checkpoints(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
-    """Complete checkpoints under ``run_dir/checkpoints`` as (step, path), oldest first."""
-    root = Path(run_dir) / CHECKPOINTS_DIR
-    if not root.is_dir():
-        return []
-    for path in list(root.iterdir()):  # a replacement that a crash interrupted: its older version is put back
-        aside = _ASIDE_DIR.match(path.name)
-        if aside:
-            restore_aside(root / aside.group(1))
-    found = []
-    for path in root.iterdir():
-        match = _STEP_DIR.match(path.name)
-        if match and (path / WEIGHTS_FILE).is_file() and (path / TRAIN_STATE_FILE).is_file():
-            found.append((int(match.group(1)), path))
-    return sorted(found)
-
-
-def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
-    checkpoints = list_checkpoints(run_dir)
-    return checkpoints[-1][1] if checkpoints else None
-
-
-def model_state_for_saving(model: nn.Module, save_filter: Callable[[str], bool] | None) -> dict[str, torch.Tensor]:
-    state = model.state_dict()
-    if save_filter is None:
-        return state
-    return {name: tensor for name, tensor in state.items() if save_filter(name)}
-
-
-def load_model_weights(model: nn.Module, path: str | os.PathLike,
-                       save_filter: Callable[[str], bool] | None = None) -> None:
-    """Load a weights file written by the loop; with ``save_filter``, only the keys it selects are expected."""
-    state = load_state_file(path)
-    if save_filter is None:
-        load_into(model, state, path)
-        return
-    report = load_into(model, state, path, strict=False)
-    expected_missing = [key for key in report.missing if save_filter(key)]
-    if expected_missing or report.unexpected:
-        names = expected_missing or list(report.unexpected)
-        raise UserError(f"checkpoint {path} does not match the model (first mismatching tensor: '{names[0]}')")
-
-
-def _data_state(data: Any) -> Any:
-    return data.state_dict() if hasattr(data, "state_dict") and hasattr(data, "load_state_dict") else None
-
-
-def capture_snapshot(data: Any) -> dict[str, Any]:
-    """This process's RNG states and data position, as a checkpoint stores them (taken at a step boundary)."""
-    return {"rng": rng_state(), "data": copy.deepcopy(_data_state(data))}
-
-
-def save_checkpoint(
-    run_dir: Path,
-    step: int,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: Any,
-    data: Any,
-    keep_last: int,
-    save_filter: Callable[[str], bool] | None = None,
-    snapshot: Mapping[str, Any] | None = None,
-    rank_snapshots: list[Mapping[str, Any]] | None = None,
-) -> Path:
-    """Write ``RUN/checkpoints/step-N`` through a temporary directory and a rename; prune to ``keep_last``.
-
-    snapshot: the RNG states and data position to store (``capture_snapshot``); default: taken now.
-    rank_snapshots: every rank's snapshot, in rank order, when several processes train.
-    """
-    snapshot = snapshot if snapshot is not None else capture_snapshot(data)
-    root = run_dir / CHECKPOINTS_DIR
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step-{step}"
-    with atomic_directory(final) as tmp:
-        save_weights(model_state_for_saving(model, save_filter), tmp / WEIGHTS_FILE)
-        state = {
-            "version": TRAIN_STATE_VERSION,
-            "step": step,
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "rng": snapshot["rng"],
-            "data": snapshot["data"],
-        }
-        if rank_snapshots is not None:
-            state["ranks"] = list(rank_snapshots)
-        torch.save(state, tmp / TRAIN_STATE_FILE)
-    if keep_last > 0:
-        for _, old in list_checkpoints(run_dir)[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-def read_train_state(checkpoint_dir: Path) -> dict[str, Any]:
-    path = checkpoint_dir / TRAIN_STATE_FILE
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # a truncated file, or one holding objects that weights_only refuses
-        raise UserError(f"cannot read training state {path}: {str(err).splitlines()[0]}") from None
-    if not isinstance(state, dict) or state.get("version") != TRAIN_STATE_VERSION:
-        raise UserError(f"training state {path} is not a version-{TRAIN_STATE_VERSION} train_state.pt")
-    return state
-
-
-def _own_snapshot(state: Mapping[str, Any], accelerator: Any, checkpoint: Path) -> Mapping[str, Any]:
-    """This rank's RNG states and data position from a training state (several processes: its ``ranks`` entry)."""
-    ranks = state.get("ranks")
-    saved_by = len(ranks) if ranks is not None else 1
-    if saved_by != accelerator.num_processes:
-        raise UserError(f"checkpoint {checkpoint} was saved by {saved_by} process(es); resume it with "
-                        f"{saved_by} (now {accelerator.num_processes})")
-    if ranks is not None:
-        return ranks[accelerator.process_index]
-    return {"rng": state["rng"], "data": state.get("data")}
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop rows logged after ``step`` (a run interrupted between a log and the next checkpoint)."""
-    if not path.is_file():
-        return
-    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
-    atomic_write_text(path, "".join(line + "\n" for line in kept))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -554,13 +393,13 @@ def train(
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start_step = int(state["step"])
-        own = _own_snapshot(state, accelerator, resume_from)
-        if own.get("data") is not None and _data_state(data) is not None:
+        own = own_snapshot(state, accelerator, resume_from)
+        if own.get("data") is not None and data_state(data) is not None:
             data.load_state_dict(own["data"])
             data_restored = True
         set_rng_state(own["rng"])
         if accelerator.is_main_process:
-            _truncate_metrics(metrics_path, start_step)
+            truncate_metrics(metrics_path, start_step)
             tqdm.write(f"{desc}: resuming from {resume_from} (step {start_step})")
 
     batches = _BatchIterator(data)
