@@ -126,7 +126,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
 def run_detect(args: argparse.Namespace) -> int:
     from region_features.coco import file_id_map, read_instances
-    from vl.data.formats import image_id_for
+    from region_features.ids import image_id_for
     from region_features.images import ProblemLog, list_images
     from region_features.pipeline import ImageFileDataset, batches_of, detection_results
     from region_features.train import load_detector

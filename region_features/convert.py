@@ -58,7 +58,7 @@ from region_features.store import (
     normalize_image_id,
     read_header,
 )
-from vl.data.formats import image_id_from_filename
+from region_features.ids import image_id_from_filename
 from vl.errors import UserError
 
 LXMERT_FIELDNAMES = (

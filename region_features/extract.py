@@ -31,7 +31,7 @@ from region_features.images import ProblemLog, list_images
 from region_features.pipeline import DetectorLabels, ImageFileDataset, ShardImageDataset, batches_of, to_original
 from region_features.store import FeatureStoreWriter
 from region_features.train import load_detector
-from vl.data.formats import image_id_for
+from region_features.ids import image_id_for
 from vl.errors import UserError
 from vl.precision import autocast, resolve_precision
 
@@ -148,7 +148,7 @@ def extract_features(
             dataset = ImageFileDataset(items, model.cfg.min_size, model.cfg.max_size)
             total = len(items)
         else:
-            from vl.data.shards import expand_shards
+            from region_features.ids import expand_shards
 
             dataset = ShardImageDataset(expand_shards(shards), model.cfg.min_size, model.cfg.max_size,
                                         skip=_Stored(set(stored_before)))

@@ -177,7 +177,7 @@ class ShardImageDataset(IterableDataset):
 
     def _sample(self, shard: str, key: str, members: dict[str, bytes]) -> Iterator[tuple]:
         from region_features.images import ImageWarning
-        from vl.data.shards import image_id_of
+        from region_features.ids import image_id_of
 
         meta: dict = {}
         if "json" in members:

@@ -11,7 +11,7 @@ define are ignored, so the real files (COCO 2014, Karpathy's ``dataset_coco.json
 - ``read_vqa_questions(path) -> list[VqaQuestion]``, ``read_vqa_annotations(path) -> list[VqaAnnotation]``,
   ``read_vqa_results(path) -> dict[question_id, answer]``.
 - ``image_id_for(path, root, file_ids)``, ``image_id_from_filename(name)`` and ``image_ids_for_dir(directory,
-  annotations=None)``: the image-id rule (the one copy; ``region_features`` uses it too).
+  annotations=None)``: the image-id rule (its one copy is ``region_features.ids``).
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
 
+from region_features.ids import image_id_for, image_id_from_filename  # noqa: F401 - the one rule
 from vl.errors import UserError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
@@ -462,37 +463,6 @@ def check_questions_match(questions: list[VqaQuestion], annotations: list[VqaAnn
 
 # ----------------------------------------------------------------------------------------------------------------
 # Image ids
-
-
-_TRAILING_NUMBER = re.compile(r"(\d+)$")
-
-
-def image_id_from_filename(name: str | os.PathLike) -> int | str:
-    """The image id of a file by name (CLI.md's rules 2 and 3): the trailing number of its stem (COCO's
-    ``COCO_val2014_000000000042.jpg`` is 42), else the stem itself (``cat.jpg`` is ``"cat"``). A number too long for
-    a 64-bit id (over 18 digits) stays part of the stem."""
-    stem = Path(name).stem
-    match = _TRAILING_NUMBER.search(stem)
-    return int(match.group(1)) if match and len(match.group(1)) <= 18 else stem
-
-
-def image_id_for(path: str | os.PathLike, root: str | os.PathLike | None, file_ids: dict[str, int | str]
-                 ) -> int | str:
-    """The image id of the file ``path`` by CLI.md's rule, the one every command uses: the annotations'
-    ``file_name`` -> ``id`` (``file_ids``; matched as the path relative to ``root``, then by base name), else
-    ``image_id_from_filename``."""
-    path = Path(path)
-    if file_ids:
-        if root is not None:
-            try:
-                relative = path.relative_to(root).as_posix()
-            except ValueError:
-                relative = None
-            if relative is not None and relative in file_ids:
-                return file_ids[relative]
-        if path.name in file_ids:
-            return file_ids[path.name]
-    return image_id_from_filename(path.name)
 
 
 def _annotation_file_ids(path: str | os.PathLike) -> dict[str, int]:

@@ -42,7 +42,6 @@ tokens), whose order is then shuffled: UNITER's length bucketing, on a stream.
 
 from __future__ import annotations
 
-import glob
 import inspect
 import itertools
 import json
@@ -51,40 +50,16 @@ import random
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 import webdataset as wds
-from braceexpand import braceexpand
 from torch.utils.data import IterableDataset, get_worker_info
 
+from region_features.ids import expand_shards, image_id_of  # noqa: F401 - the one rule
 from vl.errors import UserError
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
-
-
-def expand_shards(pattern: str) -> list[str]:
-    """A shard list from a brace pattern, a glob, a directory (its ``*.tar``) or one file; errors name the pattern."""
-    path = Path(pattern)
-    if path.is_dir():
-        shards = sorted(str(p) for p in path.glob("*.tar"))
-        if not shards:
-            raise UserError(f"shard directory {pattern} holds no .tar files")
-        return shards
-    if any(ch in pattern for ch in "{}"):
-        shards = list(braceexpand(pattern))
-    elif any(ch in pattern for ch in "*?["):
-        shards = sorted(glob.glob(pattern))
-        if not shards:
-            raise UserError(f"shard pattern {pattern} matches no files")
-    else:
-        shards = [pattern]
-    missing = [s for s in shards if not Path(s).is_file()]
-    if missing:
-        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise UserError(f"shard {missing[0]} from {pattern} does not exist{more}")
-    return shards
 
 
 @dataclass(frozen=True)
@@ -96,14 +71,6 @@ class CaptionRecord:
     key: str
     shard: str
     answers: tuple[tuple[int, float], ...] | None = None  # a question's (answer index, soft score); None: a caption
-
-
-def image_id_of(key: str, meta: dict[str, Any]) -> int | str:
-    """The sample's JSON ``image_id`` when present, else its key (CLI.md); numeric keys become ints."""
-    value = meta.get("image_id", key)
-    if isinstance(value, str) and value.isdigit():
-        return int(value)
-    return value
 
 
 class FaultCounter:
