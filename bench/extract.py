@@ -37,8 +37,7 @@ from region_features.detector import BoxSelection, RegionDetector  # noqa: E402
 from region_features.extract import _extract_batch  # noqa: E402
 from vl.precision import bf16_native, resolve_precision  # noqa: E402
 from region_features.images import ProblemLog  # noqa: E402
-from region_features.train import DetectorRunConfig  # noqa: E402
-from vl.config import load_config  # noqa: E402
+from region_features.runs import read_detector_config  # noqa: E402
 from vl.precision import machine_info  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -121,8 +120,8 @@ def main(argv: list[str] | None = None) -> dict:
             return stock([image.float() / 255.0 for image in batch])
 
     # ours
-    cfg = load_config(DetectorRunConfig, ROOT / "configs" / "detector-resnet50.yaml")
-    detector_cfg = dataclasses.replace(cfg.detector, num_classes=90, num_attributes=0, min_size=args.size,
+    resnet50 = read_detector_config(ROOT / "configs" / "detector-resnet50.yaml")
+    detector_cfg = dataclasses.replace(resnet50, num_classes=90, num_attributes=0, min_size=args.size,
                                        max_size=max_size)
     ours = RegionDetector(detector_cfg).eval().use_channels_last()
     precision = resolve_precision(args.precision, "cpu", what="--precision")

@@ -1,7 +1,7 @@
 """Detector learnability: train the CPU-sized detector (configs/detector-tiny.yaml) on the generated world and
 evaluate it on held-out images.
 
-    .venv/bin/python bench/train_detector.py [--world DIR] [--out RUN] [--set train.max_steps=...]
+    .venv/bin/python bench/train_detector.py [--world DIR] [--out RUN] [--set train.steps=...]
 
 It generates the world when ``--world`` does not hold one (``vl generate-world --train 1000 --val 100 --test 100
 --size 128``), runs ``vl-regions train`` on its train split with the val split for ``metrics.json``, then evaluates
@@ -22,7 +22,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from region_features.coco import read_instances  # noqa: E402
-from region_features.train import evaluate_detector, load_detector, train_detector  # noqa: E402
+from region_features.evaluate import evaluate_detector  # noqa: E402
+from region_features.runs import load_detector  # noqa: E402
+from vl.train.detector import train_detector  # noqa: E402
 from vl.data.world import WorldConfig, generate_world, load_world  # noqa: E402
 from vl.precision import machine_info  # noqa: E402
 

@@ -30,7 +30,7 @@ from region_features.detector import BoxSelection, RegionDetector
 from region_features.images import ProblemLog, list_images
 from region_features.pipeline import DetectorLabels, ImageFileDataset, ShardImageDataset, batches_of, to_original
 from region_features.store import FeatureStoreWriter
-from region_features.train import load_detector
+from region_features.runs import load_detector
 from region_features.ids import image_id_for
 from vl.errors import UserError
 from vl.precision import autocast, resolve_precision

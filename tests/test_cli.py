@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from region_features.cli import main as regions_main
+from vl.cli.regions import main as regions_main
 from vl.cli import main
 
 

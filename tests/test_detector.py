@@ -13,12 +13,13 @@ import torch
 import yaml
 from PIL import Image
 
-from region_features.cli import main as vl_regions
+from vl.cli.regions import main as vl_regions
 from region_features.coco import read_instances
 from region_features.detector import TORCHVISION_R50_FPN, BoxSelection, DetectorConfig, RegionDetector, select_boxes
 from region_features.pipeline import DetectorLabels
 from region_features.store import FeatureStore
-from region_features.train import DetectionTrainData, load_detector
+from region_features.runs import load_detector
+from region_features.train_data import DetectionTrainData
 from vl.errors import UserError
 
 TINY = {
@@ -261,8 +262,7 @@ def trained_run(world, tmp_path_factory):
     """A two-step run on the world, then resumed to four steps."""
     root = tmp_path_factory.mktemp("detector")
     config = root / "tiny.yaml"
-    train_cfg = {"max_steps": 2, "batch_size": 4, "warmup_steps": 1, "checkpoint_every": 2, "log_every": 1,
-                 "threads": 1}
+    train_cfg = {"steps": 2, "batch_size": 4, "warmup_steps": 1, "save_every": 2, "log_every": 1}
     config.write_text(yaml.safe_dump({"detector": TINY, "train": train_cfg}))
     run = root / "run"
     args = ["train", "--instances", str(world.instances("train")), "--images", str(world.images_dir("train")),
@@ -270,7 +270,7 @@ def trained_run(world, tmp_path_factory):
     assert vl_regions(args) == 0
     first = latest_files(run)
     assert vl_regions([*args, "--val-instances", str(world.instances("val")), "--val-images",
-                       str(world.images_dir("val")), "--set", "train.max_steps=4"]) == 0
+                       str(world.images_dir("val")), "--set", "train.steps=4"]) == 0
     return {"run": run, "config": config, "args": args, "first": first}
 
 
@@ -280,10 +280,12 @@ def latest_files(run: Path) -> list[str]:
 
 def test_train_writes_checkpoints_and_resumes_exactly(trained_run, world, tmp_path):
     run = trained_run["run"]
-    assert "step-00000002" in trained_run["first"]
-    assert (run / "checkpoints" / "latest").read_text().strip() == "step-00000004"
-    steps = [json.loads(line)["step"] for line in (run / "log.jsonl").read_text().splitlines()]
-    assert steps == [1, 2, 3, 4]
+    assert "step-2" in trained_run["first"]
+    assert latest_files(run) == ["step-2", "step-4"]
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows if "loss" in row] == [1, 2, 3, 4]
+    assert {"loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg", "loss_attributes"} <= set(rows[0])
+    assert [row["step"] for row in rows if "mAP" in row] == [4]  # evaluated at the end of the resumed run
     saved = yaml.safe_load((run / "config.yaml").read_text())
     assert saved["detector"]["num_classes"] == 7 and saved["detector"]["num_attributes"] == 10
     labels = json.loads((run / "labels.json").read_text())
@@ -293,7 +295,7 @@ def test_train_writes_checkpoints_and_resumes_exactly(trained_run, world, tmp_pa
     # four uninterrupted steps give the same weights as two steps plus a resumed two
     straight = tmp_path / "straight"
     assert vl_regions([*trained_run["args"][:-4], "--out", str(straight), "--config", str(trained_run["config"]),
-                       "--set", "train.max_steps=4"]) == 0
+                       "--set", "train.steps=4"]) == 0
     from safetensors.torch import load_file
 
     resumed, fresh = load_file(run / "model.safetensors"), load_file(straight / "model.safetensors")

@@ -68,13 +68,12 @@ def test_training_defaults_to_auto_and_resolves_it(cpu_bf16):
 
 
 def test_detector_and_extraction_default_to_auto():
-    import dataclasses
     import inspect
 
     from region_features.extract import extract_features
-    from region_features.train import TrainConfig as DetectorTrainConfig
+    from vl.train.detector import DetectorRunConfig
 
-    assert {f.name: f.default for f in dataclasses.fields(DetectorTrainConfig)}["precision"] == "auto"
+    assert DetectorRunConfig().train.precision == "auto"
     assert inspect.signature(extract_features).parameters["precision"].default == "auto"
 
 

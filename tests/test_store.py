@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from region_features import store as store_module
-from region_features.cli import main as vl_regions
+from vl.cli.regions import main as vl_regions
 from region_features.convert import (
     LXMERT_FIELDNAMES,
     export_lxmert_tsv,

@@ -155,6 +155,20 @@ def test_precision_reaches_the_forward_pass_on_cpu(tmp_path, precision, dtype):
     assert all(p.dtype == torch.float32 for p in model.parameters())  # the master weights stay fp32
 
 
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
+def test_a_run_continued_to_more_steps_follows_the_new_schedule(tmp_path, optimizer):
+    """10 cosine steps, then the same run continued to 20: after the resume the rate is the 20-step schedule's, not
+    the 10-step one's (which has decayed to 0)."""
+    cfg = TrainConfig(steps=10, lr=1e-2, warmup_steps=2, schedule="cosine", optimizer=optimizer, log_every=1,
+                      precision="fp32", save_every=0)
+    train(Regression(), ToyData(), cfg, tmp_path / "run", loss_weights={"mse": 1.0})
+    train(Regression(), ToyData(), dataclasses.replace(cfg, steps=20), tmp_path / "run", loss_weights={"mse": 1.0})
+    rows = metrics(tmp_path / "run")
+    assert [row["step"] for row in rows] == list(range(1, 21))
+    assert [row["lr"] for row in rows[10:]] == pytest.approx([1e-2 * lr_multiplier(step, 20, 2, "cosine")
+                                                              for step in range(10, 20)])
+
+
 def test_schedules_and_weight_decay_groups():
     assert lr_multiplier(0, 100, 10) == pytest.approx(1 / 11)
     assert lr_multiplier(10, 100, 10) == pytest.approx(1.0)

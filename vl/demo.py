@@ -108,7 +108,7 @@ def _vl(*args: str) -> list[str]:
 
 
 def _regions(*args: str) -> list[str]:
-    return [sys.executable, "-m", "region_features.cli", *args]
+    return [sys.executable, "-m", "vl.cli.regions", *args]
 
 
 class Demo:
@@ -174,7 +174,7 @@ class Demo:
                              "--val-instances", self.world_file("annotations", "instances_val2014.json"),
                              "--val-images", self.world_file("images", "val2014"), "--out", str(self.detector),
                              "--config", str(CONFIG_DIR / cfg.detector_config),
-                             *self.sets("detector", f"train.max_steps={cfg.detector_steps}"))]
+                             *self.sets("detector", f"train.steps={cfg.detector_steps}"))]
 
         def detect() -> list[list[str]]:
             return [_regions("detect", "--detector", str(self.detector), "--images",

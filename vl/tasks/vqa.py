@@ -586,7 +586,7 @@ def answer_image_question(run_dir: str | os.PathLike, detector_source: str | os.
     """The ``top`` answers (with sigmoid scores) of a VQA run to ``question`` about one image file: regions from
     the detector run (boxes chosen as the run's feature store chose them, unless overridden), then the model."""
     from region_features.detector import BoxSelection
-    from region_features.train import load_detector
+    from region_features.runs import load_detector
 
     if not question.strip():
         raise UserError("--question is empty")

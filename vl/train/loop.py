@@ -1,4 +1,4 @@
-"""One readable training loop on ``accelerate``: AdamW, warmup + decay, accumulation, clipping, bf16, exact resume.
+"""One readable training loop on ``accelerate``: AdamW or SGD, warmup + decay, accumulation, clipping, bf16, resume.
 
 The loop knows nothing about models or objectives. It takes
 
@@ -65,7 +65,7 @@ from vl.train.checkpoint import (
     set_rng_state,
     truncate_metrics,
 )
-from vl.train.schedule import SCHEDULES, ScheduleName, build_scheduler
+from vl.train.schedule import SCHEDULES, ScheduleName, build_scheduler, restore_rate
 
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "loss.png"
@@ -80,7 +80,9 @@ class TrainConfig:
     warmup_ratio: float = 0.0  # warmup as a fraction of ``steps``
     schedule: ScheduleName = "linear"  # decay after warmup: linear, cosine or constant
     min_lr_ratio: float = 0.0  # the decay ends at lr * min_lr_ratio
-    weight_decay: float = 0.01  # AdamW decay, not applied to biases, LayerNorm and other 1-d parameters
+    optimizer: Literal["adamw", "sgd"] = "adamw"  # sgd (with momentum): the usual recipe of large detectors
+    weight_decay: float = 0.01  # decay, not applied to biases, LayerNorm and other 1-d parameters
+    momentum: float = 0.9  # SGD only
     adam_betas: tuple[float, float] = (0.9, 0.999)
     adam_eps: float = 1e-6
     clip_grad_norm: float = 1.0  # max global gradient norm; 0 disables clipping
@@ -106,6 +108,8 @@ class TrainConfig:
             raise ValueError(f"warmup_ratio must be in [0, 1], got {self.warmup_ratio}")
         if self.lr <= 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
+        if self.optimizer not in ("adamw", "sgd"):
+            raise ValueError(f"optimizer must be adamw or sgd, got {self.optimizer!r}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
 
@@ -141,7 +145,7 @@ class TrainingStopped(UserError):
 
 
 def decay_parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW groups over the trainable parameters: decay on matrices, none on biases, norms and 1-d parameters."""
+    """Optimizer groups over the trainable parameters: decay on matrices, none on biases, norms and 1-d parameters."""
     decay, no_decay = [], []
     for param in model.parameters():
         if param.requires_grad:
@@ -154,10 +158,12 @@ def decay_parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[s
     return groups
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     groups = decay_parameter_groups(model, cfg.weight_decay)
     if not groups:
         raise UserError("the model has no trainable parameters (every parameter has requires_grad=False)")
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, foreach=True)
     # The fused kernel (CPU and CUDA) is several times faster than the per-tensor loop; it needs float parameters.
     fused = all(param.dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16)
                 for group in groups for param in group["params"])
@@ -208,6 +214,8 @@ def _batch_size(batch: Any) -> int:
         for value in batch.values():
             if isinstance(value, torch.Tensor) and value.ndim:
                 return int(value.shape[0])
+            if isinstance(value, list):  # e.g. a detector's images of different sizes
+                return len(value)
     return 0
 
 
@@ -392,6 +400,7 @@ def train(
         load_model_weights(raw_model, resume_from / WEIGHTS_FILE, save_filter)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        restore_rate(scheduler)
         start_step = int(state["step"])
         own = own_snapshot(state, accelerator, resume_from)
         if own.get("data") is not None and data_state(data) is not None:

@@ -52,3 +52,15 @@ def build_scheduler(
 
     lambdas: Callable[[int], float] = multiplier
     return LambdaLR(optimizer, lambdas)
+
+
+def restore_rate(scheduler: LambdaLR) -> None:
+    """Set every group's learning rate to the schedule's at the scheduler's step, after loading a checkpoint.
+
+    The optimizer state holds the rate of the schedule it was saved under; a run resumed with another total
+    number of steps (trained to N, then continued to 2N) follows the new schedule from its next step.
+    """
+    rates = [base * rate(scheduler.last_epoch) for base, rate in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+    for group, lr in zip(scheduler.optimizer.param_groups, rates):
+        group["lr"] = lr
+    scheduler._last_lr = rates

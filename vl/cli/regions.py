@@ -5,12 +5,12 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-from region_features import commands as _commands
-from region_features import convert as _convert
 from vl.cli import build_parser, run
+from vl.cli import region_commands as _region_commands
+from vl.cli import region_convert as _region_convert
 
 # Each module's ``add_parser(subparsers)`` registers a subcommand; imported explicitly.
-COMMAND_MODULES: list = [_commands, _convert]
+COMMAND_MODULES: list = [_region_commands, _region_convert]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,4 +1,4 @@
-"""``vl-regions train``, ``vl-regions detect`` and ``vl-regions extract`` (contract: ../shared/CLI.md)."""
+"""``vl-regions train``, ``detect``, ``evaluate`` and ``extract`` (contract: docs/cli.md)."""
 
 from __future__ import annotations
 
@@ -8,11 +8,11 @@ import sys
 from pathlib import Path
 
 import torch
-from vl.progress import progress_bar
 
 from vl.config import atomic_write_text
 from vl.errors import UserError
 from vl.precision import autocast, resolve_precision
+from vl.progress import progress_bar
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -30,7 +30,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--config", metavar="F", help="run config YAML (default: built-in defaults), e.g. "
                        "configs/detector-tiny.yaml")
     train.add_argument("--set", dest="overrides", action="append", default=[], metavar="k=v",
-                       help="override a config value, e.g. --set train.max_steps=500 (repeatable)")
+                       help="override a config value, e.g. --set train.steps=500 (repeatable)")
     train.set_defaults(func=run_train)
 
     detect = subparsers.add_parser(
@@ -93,7 +93,7 @@ def _add_runtime_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from region_features.train import train_detector
+    from vl.train.detector import train_detector
 
     metrics = train_detector(args.instances, args.images, args.out, args.val_instances, args.val_images,
                              args.config, args.overrides)
@@ -105,7 +105,8 @@ def run_train(args: argparse.Namespace) -> int:
 def run_evaluate(args: argparse.Namespace) -> int:
     from region_features.coco import read_instances
     from region_features.images import ProblemLog
-    from region_features.train import evaluate_detector, load_detector
+    from region_features.evaluate import evaluate_detector
+    from region_features.runs import load_detector
 
     if args.batch_size < 1 or args.workers < 0:
         raise UserError("--batch-size must be >= 1 and --workers >= 0")
@@ -129,7 +130,7 @@ def run_detect(args: argparse.Namespace) -> int:
     from region_features.ids import image_id_for
     from region_features.images import ProblemLog, list_images
     from region_features.pipeline import ImageFileDataset, batches_of, detection_results
-    from region_features.train import load_detector
+    from region_features.runs import load_detector
 
     if args.batch_size < 1 or args.workers < 0:
         raise UserError("--batch-size must be >= 1 and --workers >= 0")
