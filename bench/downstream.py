@@ -1,6 +1,6 @@
 """Downstream on the generated world: does pretraining help VQA, and does two-stage retrieval match full ITM scoring?
 
-On a generated world with synthetic region features (one region per object, ``vl.data.world_features``):
+On a generated world with synthetic region features (one region per object, ``vl.world.features``):
 
 1. pretrain UNITER-tiny (``configs/pretrain-uniter-tiny.yaml``, what ``vl pretrain`` runs) on the train shards, or
    reuse ``--pretrained RUN``;
@@ -30,8 +30,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from vl.data.world import WorldConfig, generate_world  # noqa: E402
-from vl.data.world_features import write_world_features  # noqa: E402
+from vl.world.dataset import WorldConfig, generate_world  # noqa: E402
+from vl.world.features import write_world_features  # noqa: E402
 from vl.tasks.retrieval import (  # noqa: E402
     evaluate_retrieval,
     finetune_retrieval,

@@ -2,7 +2,7 @@
 
 For each config (default: UNITER-tiny, single-stream, one task per batch; LXMERT-tiny, dual-stream, all objectives
 summed), this pretrains with ``vl.train.pretrain_vl.pretrain_vl`` (what ``vl pretrain`` runs) on the world's train
-shards joined with synthetic region features (one region per object, ``vl.data.world_features``), then reports
+shards joined with synthetic region features (one region per object, ``vl.world.features``), then reports
 every objective's training loss over the first and the last tenth of the run, and ITM accuracy on held-out pairs
 (each val caption with its own image and with another image).
 
@@ -31,8 +31,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from vl.data.world import WorldConfig, generate_world  # noqa: E402
-from vl.data.world_features import write_world_features  # noqa: E402
+from vl.world.dataset import WorldConfig, generate_world  # noqa: E402
+from vl.world.features import write_world_features  # noqa: E402
 from vl.train.plot import read_metrics  # noqa: E402
 from vl.train.pretrain_vl import heldout_itm_accuracy, load_pretrain_config, pretrain_vl  # noqa: E402
 from vl.precision import machine_info  # noqa: E402

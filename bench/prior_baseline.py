@@ -21,7 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from vl.data.formats import read_vqa_annotations, read_vqa_questions  # noqa: E402
-from vl.data.world import WorldConfig, WorldPaths, generate_world, load_world  # noqa: E402
+from vl.world.dataset import WorldConfig, WorldPaths, generate_world, load_world  # noqa: E402
 from vl.tasks.vqa_eval import evaluate_vqa  # noqa: E402
 from vl.precision import machine_info  # noqa: E402
 

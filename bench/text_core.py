@@ -33,7 +33,7 @@ import torch  # noqa: E402
 
 from vl.checkpoints.vl_run import read_run_config, save_vl_run  # noqa: E402
 from vl.config import load_config  # noqa: E402
-from vl.data.world import WorldConfig, generate_world  # noqa: E402
+from vl.world.dataset import WorldConfig, generate_world  # noqa: E402
 from vl.encoders.bert import BertPretrainingModel  # noqa: E402
 from vl.tasks.text_classify import TASK as CLASSIFY  # noqa: E402
 from vl.tasks.text_finetune import FinetuneConfig, TextFinetuneConfig, finetune_text  # noqa: E402

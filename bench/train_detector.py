@@ -25,7 +25,7 @@ from region_features.coco import read_instances  # noqa: E402
 from region_features.evaluate import evaluate_detector  # noqa: E402
 from region_features.runs import load_detector  # noqa: E402
 from vl.train.detector import train_detector  # noqa: E402
-from vl.data.world import WorldConfig, generate_world, load_world  # noqa: E402
+from vl.world.dataset import WorldConfig, generate_world, load_world  # noqa: E402
 from vl.precision import machine_info  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

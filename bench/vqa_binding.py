@@ -48,8 +48,8 @@ sys.path.insert(0, str(ROOT))
 
 from region_features.store import FeatureStore  # noqa: E402
 from vl.data.formats import read_vqa_annotations, read_vqa_questions  # noqa: E402
-from vl.data.world import WorldPaths  # noqa: E402
-from vl.data.world_scene import Scene, SceneObject, load_scenes  # noqa: E402
+from vl.world.dataset import WorldPaths  # noqa: E402
+from vl.world.scene import Scene, SceneObject, load_scenes  # noqa: E402
 from vl.precision import machine_info  # noqa: E402
 
 SPLITS = ("train", "val", "test")

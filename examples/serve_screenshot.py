@@ -21,8 +21,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from vl.data.world import WorldConfig, generate_world  # noqa: E402
-from vl.data.world_features import write_world_features  # noqa: E402
+from vl.world.dataset import WorldConfig, generate_world  # noqa: E402
+from vl.world.features import write_world_features  # noqa: E402
 from vl.tasks.retrieval import finetune_retrieval, load_retrieval_finetune_config  # noqa: E402
 
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

@@ -1,6 +1,6 @@
 """COCO instances for the detector: reading (with per-box ``attributes``), label maps and the image-id rule.
 
-Formats are those of ../shared/CLI.md. Boxes are converted from COCO ``[x, y, w, h]`` to ``x1y1x2y2`` pixels.
+Formats are those of docs/cli.md. Boxes are converted from COCO ``[x, y, w, h]`` to ``x1y1x2y2`` pixels.
 Object labels are contiguous: label ``i`` (1..C) is the i-th category by ascending id, 0 is background.
 Attribute ids index the sorted attribute vocabulary of the training annotations.
 """

@@ -1,4 +1,4 @@
-"""Image ids and shard lists: the rules of ../shared/CLI.md that the extractor and the trainers must agree on.
+"""Image ids and shard lists: the rules of docs/cli.md that the extractor and the trainers must agree on.
 
 The feature store is keyed by image id, so an id computed one way at extraction and another way at training would
 leave every caption without features. Every command takes ids from here:
@@ -24,7 +24,7 @@ _TRAILING_NUMBER = re.compile(r"(\d+)$")
 
 
 def image_id_from_filename(name: str | os.PathLike) -> int | str:
-    """The image id of a file by name (CLI.md's rules 2 and 3): the trailing number of its stem (COCO's
+    """The image id of a file by name (docs/cli.md's rules 2 and 3): the trailing number of its stem (COCO's
     ``COCO_val2014_000000000042.jpg`` is 42), else the stem itself (``cat.jpg`` is ``"cat"``). A number too long for
     a 64-bit id (over 18 digits) stays part of the stem."""
     stem = Path(name).stem
@@ -34,7 +34,7 @@ def image_id_from_filename(name: str | os.PathLike) -> int | str:
 
 def image_id_for(path: str | os.PathLike, root: str | os.PathLike | None, file_ids: dict[str, int | str]
                  ) -> int | str:
-    """The image id of the file ``path`` by CLI.md's rule, the one every command uses: the annotations'
+    """The image id of the file ``path`` by docs/cli.md's rule, the one every command uses: the annotations'
     ``file_name`` -> ``id`` (``file_ids``; matched as the path relative to ``root``, then by base name), else
     ``image_id_from_filename``."""
     path = Path(path)
@@ -52,7 +52,7 @@ def image_id_for(path: str | os.PathLike, root: str | os.PathLike | None, file_i
 
 
 def image_id_of(key: str, meta: dict[str, Any]) -> int | str:
-    """The sample's JSON ``image_id`` when present, else its key (CLI.md); numeric keys become ints."""
+    """The sample's JSON ``image_id`` when present, else its key (docs/cli.md); numeric keys become ints."""
     value = meta.get("image_id", key)
     if isinstance(value, str) and value.isdigit():
         return int(value)

@@ -129,7 +129,7 @@ class ShardImageDataset(IterableDataset):
     """Images from webdataset tar shards (img2dataset layout), decoded and resized in DataLoader workers.
 
     Shards are split across workers (every n-th shard) in list order. The image id is the sample's JSON
-    ``image_id`` when present, else its key (CLI.md). Samples whose id is in ``skip`` are not decoded; samples
+    ``image_id`` when present, else its key (docs/cli.md). Samples whose id is in ``skip`` are not decoded; samples
     without an image member or in an unreadable shard come back with image None and a warning. Items are
     ``(image_id, "SHARD:KEY.EXT", image, warning, original_size)``.
     """

@@ -1,12 +1,12 @@
 """Shared pytest fixtures.
 
-``world``: a small generated world (``vl/data/world.py``), made once per test run, returned as a
-``vl.data.world.WorldPaths``. Its files, for ``split`` in ``("train", "val", "test")``:
+``world``: a small generated world (``vl/world/dataset.py``), made once per test run, returned as a
+``vl.world.dataset.WorldPaths``. Its files, for ``split`` in ``("train", "val", "test")``:
 
 - ``world.root``: the directory; ``world.manifest``: ``world.json`` (seed, sizes, counts, vocab, file list);
 - ``world.images_dir(split)`` / ``world.image_path(split, image_id)``: ``images/{split}2014/COCO_{split}2014_*.jpg``;
 - ``world.instances(split)``, ``world.captions(split)``: COCO instances (with ``attributes``) / captions JSON;
-- ``world.scenes(split)``: the ground-truth scene graphs (``vl.data.world.load_scenes``);
+- ``world.scenes(split)``: the ground-truth scene graphs (``vl.world.dataset.load_scenes``);
 - ``world.karpathy``: ``dataset_coco.json`` over all images;
 - ``world.vqa_questions(split)``, ``world.vqa_annotations(split)``: VQA v2 JSON;
 - ``world.shards(split)`` (tar paths) and ``world.shard_pattern(split)`` (brace notation);
@@ -25,7 +25,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vl.data.world import WorldConfig, WorldPaths, generate_world
+from vl.world.dataset import WorldConfig, WorldPaths, generate_world
 
 WORLD_CONFIG = WorldConfig(seed=1234, train=48, val=16, test=16, size=112, shard_size=16, questions_per_image=6)
 

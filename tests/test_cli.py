@@ -33,3 +33,35 @@ def test_help_still_prints_the_usage(capsys):
         main(["finetune", "vqa", "--help"])
     assert exit_info.value.code == 0
     assert capsys.readouterr().out.startswith("usage: vl finetune vqa")
+
+
+def _subcommands(parser, prefix):
+    """(command line prefix, parser) for every leaf subcommand, e.g. ("vl finetune vqa", parser)."""
+    import argparse
+
+    actions = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    if not actions:
+        yield prefix, parser
+        return
+    for name, sub in actions[0].choices.items():
+        yield from _subcommands(sub, f"{prefix} {name}")
+
+
+def test_docs_cli_md_names_every_command_and_its_required_flags():
+    """docs/cli.md is the contract users read; a command or required flag missing from it is out of step."""
+    from pathlib import Path
+
+    from vl.cli import COMMAND_MODULES, build_parser
+    from vl.cli.regions import COMMAND_MODULES as REGION_MODULES
+
+    contract = (Path(__file__).resolve().parents[1] / "docs" / "cli.md").read_text()
+    missing = []
+    for program, modules in (("vl", COMMAND_MODULES), ("vl-regions", REGION_MODULES)):
+        for command, parser in _subcommands(build_parser(program, modules, program), program):
+            words = command.split()
+            if f"`{command}" not in contract and not (len(words) == 3 and f"{words[0]} {words[1]} " in contract
+                                                      and words[2] in contract):
+                missing.append(command)
+            missing += [f"{command} {flag}" for action in parser._actions if action.required
+                        for flag in action.option_strings[:1] if flag not in contract]
+    assert not missing, f"not in docs/cli.md: {missing}"

@@ -6,7 +6,8 @@ import sys
 
 import pytest
 
-from vl.demo import Demo, DemoConfig, Stage
+from vl.demo.config import DemoConfig
+from vl.demo.pipeline import Demo, Stage
 from vl.errors import UserError
 
 # Each command appends "start NAME THREADS" and "end NAME" to a trace file, sleeping in between.
@@ -132,7 +133,7 @@ def test_latest_progress_reads_the_last_bar_state():
 
 
 def test_example_grid_draws_one_box_per_object():
-    from vl.demo_report import one_box_per_object
+    from vl.demo.report import one_box_per_object
 
     detections = [{"bbox": [10, 10, 20, 20], "score": 0.9, "category_id": 1},
                   {"bbox": [11, 10, 20, 20], "score": 0.6, "category_id": 2},  # the same object, another class

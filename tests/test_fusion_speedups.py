@@ -170,7 +170,7 @@ def test_dropout_rate_scale_backward_and_eval():
 def test_pretraining_with_train_compile_runs_on_cpu(world, tmp_path, precision):
     """``train.compile: true`` trains (fp32 and bf16 autocast) and writes the usual state dict names."""
     from vl.checkpoints.io import load_state_file
-    from vl.data.world_features import write_world_features
+    from vl.world.features import write_world_features
     from vl.text.tokenizer import Tokenizer
     from vl.train.pretrain_vl import load_pretrain_config, pretrain_vl
 

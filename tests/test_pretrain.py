@@ -26,7 +26,7 @@ from vl.checkpoints.io import load_state_file
 from vl.data.shards import CaptionRecord, ShardStream, StreamConfig, expand_shards
 from vl.data.vl_batches import PretrainBatchMaker, PretrainDataConfig, PretrainStream, TaskMixer
 from vl.data.vl_masking import VLBatchPlan, VLMaskingConfig
-from vl.data.world_features import write_world_features
+from vl.world.features import write_world_features
 from vl.errors import UserError
 from vl.text.tokenizer import Tokenizer
 from vl.train.checkpoint import latest_checkpoint, list_checkpoints

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from vl.cli import main
-from vl.data.world_features import write_world_features
+from vl.world.features import write_world_features
 from vl.fusion.pretraining import build_pretraining_model, load_model_configs
 from vl.tasks.retrieval import (
     PAIR_SCORES,

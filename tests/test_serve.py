@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from vl.cli import main
-from vl.data.world_features import write_world_features
+from vl.world.features import write_world_features
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from vl.cli import main
 from vl.data.formats import VqaAnnotation, VqaAnswer, read_vqa_questions
-from vl.data.world_features import write_world_features
+from vl.world.features import write_world_features
 from vl.errors import UserError
 from vl.fusion import load_fusion_config
 from vl.fusion.pretraining import build_pretraining_model, load_model_configs

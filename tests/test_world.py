@@ -26,7 +26,7 @@ from vl.data.formats import (
     read_vqa_annotations,
     read_vqa_questions,
 )
-from vl.data.world import (
+from vl.world.dataset import (
     COLORS,
     SHAPES,
     SIZES,

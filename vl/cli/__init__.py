@@ -1,6 +1,6 @@
 """The ``vl`` command. Each subcommand lives in its own module under ``vl/cli/`` and registers itself here.
 
-Contract (../shared/CLI.md): every command has ``--help``, exits non-zero with a one-line error naming the bad
+Contract (docs/cli.md): every command has ``--help``, exits non-zero with a one-line error naming the bad
 input, and writes outputs through a temporary name and a rename.
 """
 

@@ -6,7 +6,8 @@ import argparse
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from vl.demo import Demo, demo_config
+    from vl.demo.config import demo_config
+    from vl.demo.pipeline import Demo
 
     Demo(args.out, demo_config(args.quick, args.seed)).run()
     return 0

@@ -37,7 +37,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "detect",
         help="write COCO detection results for a directory of images",
         description="Run a trained detector on every image under DIR and write COCO detection results JSON "
-        "([{image_id, category_id, bbox: [x, y, w, h], score}]). Image ids follow CLI.md's rule.",
+        "([{image_id, category_id, bbox: [x, y, w, h], score}]). Image ids follow docs/cli.md's rule.",
     )
     detect.add_argument("--detector", required=True, metavar="RUN", help="a vl-regions train run (or a config "
                         "YAML whose detector.weights_path names torchvision weights)")

@@ -1,10 +1,10 @@
-"""``vl generate-world``: write the generated visual world in all the standard formats (see vl/data/world.py)."""
+"""``vl generate-world``: write the generated visual world in all the standard formats (see vl/world/dataset.py)."""
 
 from __future__ import annotations
 
 import argparse
 
-from vl.data.world import SPLITS, WorldConfig, generate_world
+from vl.world.dataset import SPLITS, WorldConfig, generate_world
 
 
 def _generate(args: argparse.Namespace) -> int:

@@ -1,4 +1,4 @@
-"""Readers for the standard dataset formats (../shared/CLI.md) and the image-id rule.
+"""Readers for the standard dataset formats (docs/cli.md) and the image-id rule.
 
 Every reader validates the structure it relies on and raises ``UserError`` with one line that names the file and
 the bad field (``data/q.json: questions[3].question_id must be an integer, got '7'``). Keys a format does not
@@ -478,7 +478,7 @@ def image_ids_for_dir(directory: str | os.PathLike, annotations: str | os.PathLi
                       recursive: bool = False) -> dict[Path, int | str]:
     """Every image file under ``directory`` (extensions ``IMAGE_EXTENSIONS``) to its image id, sorted by path.
 
-    The id comes from the first rule that applies (CLI.md): the COCO-style ``annotations`` JSON mapping the file's
+    The id comes from the first rule that applies (docs/cli.md): the COCO-style ``annotations`` JSON mapping the file's
     ``file_name`` (its path relative to ``directory``, or its bare name) to ``id``; the trailing number of the file
     name; the file stem. Two files with the same id are an error naming both."""
     directory = Path(directory)

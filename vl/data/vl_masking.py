@@ -118,7 +118,7 @@ def grounded_token_ids(tokenizer: Any, names: Iterable[str]) -> tuple[int, ...]:
     """The vocabulary ids of the words in ``names`` (detector class and attribute names such as ``circle``,
     ``red``, ``tennis racket``) and of their plurals (``circles``, ``boxes``): each word that the tokenizer keeps as
     one token. Words split into several pieces are left out: masking one piece would leave the rest as a hint."""
-    from vl.data.world_language import plural  # the English rule the generated world's captions use
+    from vl.world.language import plural  # the English rule the generated world's captions use
 
     ids = set()
     for name in names:

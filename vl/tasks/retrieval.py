@@ -503,7 +503,7 @@ def rerank(first_stage: torch.Tensor, k: int, score_pairs: Callable[[torch.Tenso
 
 def rankings_json(split: RetrievalSplit, text_to_image: torch.Tensor, image_to_text: torch.Tensor
                   ) -> dict[str, list[dict[str, Any]]]:
-    """The RANKINGS.json document (CLI.md) from (N_t, L) image rankings and (N_i, L) caption rankings."""
+    """The RANKINGS.json document (docs/cli.md) from (N_t, L) image rankings and (N_i, L) caption rankings."""
     return {
         "text_to_image": [{"sentid": sentid, "ranked_image_ids": [split.image_ids[i] for i in row]}
                           for sentid, row in zip(split.sentids, text_to_image.tolist())],

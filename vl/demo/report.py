@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from vl.config import atomic_write_text
 
 if TYPE_CHECKING:
-    from vl.demo import Demo
+    from vl.demo.pipeline import Demo
 
 NOT_LOSSES = {"step", "lr", "grad_norm", "samples_per_s", "elapsed_s", "nonfinite_skipped", "loss"}
 VQA_RUNS = {"vqa-single": "pretrained single-stream (UNITER)", "vqa-scratch": "from scratch (UNITER)",
@@ -313,8 +313,8 @@ def stage_sharing(demo: Demo) -> str:
 
 def write_report(demo: Demo, total_seconds: float) -> Path:
     from vl.data.formats import read_vqa_annotations
-    from vl.data.world import WorldPaths
-    from vl.demo import fraction_stage
+    from vl.world.dataset import WorldPaths
+    from vl.demo.config import fraction_stage
 
     out = demo.out
     cfg = demo.cfg

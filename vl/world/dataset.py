@@ -1,4 +1,4 @@
-"""The generated visual world written in the standard dataset formats (../shared/CLI.md).
+"""The generated visual world written in the standard dataset formats (docs/cli.md).
 
 No real dataset can be downloaded here, so every test, benchmark and the demo learn from this world. It is small,
 learnable, deterministic by seed and written in exactly the formats real datasets come in. ``generate_world`` writes:
@@ -22,7 +22,7 @@ learnable, deterministic by seed and written in exactly the formats real dataset
     OUT/text/corpus_{split}.txt                            the same, per split
 
 ``WorldPaths(OUT)`` names every one of these files. The scenes themselves (vocabulary, rendering) live in
-``vl/data/world_scene.py`` and their language (captions, questions) in ``vl/data/world_language.py``; the names
+``vl/world/scene.py`` and their language (captions, questions) in ``vl/world/language.py``; the names
 other code needs are re-exported here. The whole output is byte-identical for the same arguments.
 """
 
@@ -46,8 +46,8 @@ from vl.progress import progress_bar
 
 from vl.atomic import atomic_output, publish
 from vl.config import atomic_write_text
-from vl.data.world_language import YesNoBalancer, describe_scene, make_captions, make_questions
-from vl.data.world_scene import (
+from vl.world.language import YesNoBalancer, describe_scene, make_captions, make_questions
+from vl.world.scene import (
     COLORS,
     GENERATOR_VERSION,
     MAX_OBJECTS,

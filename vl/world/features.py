@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from region_features.store import FeatureStoreWriter
-from vl.data.world import COLORS, SHAPES, SIZES, WorldPaths
+from vl.world.dataset import COLORS, SHAPES, SIZES, WorldPaths
 from vl.errors import UserError
 
 MIN_FEATURE_DIM = len(SHAPES) + len(COLORS) + 1
@@ -92,7 +92,7 @@ def write_world_features(world: WorldPaths | str | os.PathLike, out: str | os.Pa
                 class_names = [c["name"] for c in sorted(instances["categories"], key=lambda c: c["id"])]
                 writer = FeatureStoreWriter(out, feature_dim, len(categories), len(ATTRIBUTE_NAMES),
                                             {"class_names": class_names, "attribute_names": list(ATTRIBUTE_NAMES),
-                                             "source": "vl.data.world_features"}, fsync=False)
+                                             "source": "vl.world.features"}, fsync=False)
             by_image: dict[int, list[dict]] = {}
             for annotation in instances["annotations"]:
                 by_image.setdefault(int(annotation["image_id"]), []).append(annotation)

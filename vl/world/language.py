@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from vl.data.world_scene import COLORS, SHAPES, SIZES, Scene, SceneObject
+from vl.world.scene import COLORS, SHAPES, SIZES, Scene, SceneObject
 
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
 RELATION_TEXT = {"left": "to the left of", "right": "to the right of", "above": "above", "below": "below"}

@@ -36,63 +36,14 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from vl.config import atomic_write_text
+from vl.demo.config import CONFIG_DIR, DemoConfig, fraction_stage
 from vl.errors import UserError
 from vl.progress import PROGRESS_ENV, latest_progress
-
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
-
-
-@dataclass(frozen=True)
-class DemoConfig:
-    """Sizes and budgets of the demo; ``quick()`` shrinks it to a smoke test of every stage."""
-
-    seed: int = 0
-    size: int = 128  # image side in pixels
-    train_images: int = 3000  # 30,000 training questions: with 6,000, 3,000 fine-tuning steps memorised them
-    val_images: int = 100
-    test_images: int = 500  # 5,000 test questions: the VQA comparison's noise is well under a point
-    questions_per_image: int = 10
-    detector_config: str = "detector-tiny.yaml"
-    detector_steps: int = 2000  # at 1,500 the test mAP@0.5 was 0.935 with the classifier loss still falling
-    single_stream_config: str = "pretrain-uniter-small.yaml"
-    dual_stream_config: str = "pretrain-lxmert-small.yaml"
-    pretrain_steps: int | None = None  # None: each pretraining config's own train.steps
-    vqa_config: str = "finetune-vqa-tiny.yaml"
-    vqa_steps: int = 1000
-    # data efficiency: each VQA model is also fine-tuned on these shares of the training questions, with these steps
-    data_fractions: tuple[float, ...] = (0.01, 0.1)
-    fraction_steps: tuple[int, ...] = (300, 1000)  # 10% at 300 steps left every model under-trained (53 / 46)
-    retrieval_config: str = "finetune-retrieval-tiny.yaml"
-    # negatives drawn by similarity (the config's `sampled`): ~0.15 s a step on one thread beside another stage, a
-    # quarter of mining them by ITM score. On seed 0's world, 100 test images: at 600 steps the ITM re-ranking
-    # matches the first stage (text->image R@1 46.0 both); at 1200 it adds 5.6 points (48.6 -> 54.2)
-    retrieval_steps: int = 600
-    num_boxes: int = 10  # regions per image in the feature store
-    vocab_size: int = 400  # WordPiece vocabulary shared by every model
-    example_questions: int = 3  # `vl vqa` calls on held-out images
-    # stages after feature extraction that run at a time, each on cores // parallel threads (1: one after another)
-    parallel: int = 2
-    extra_sets: dict[str, tuple[str, ...]] = field(default_factory=dict)  # stage -> extra --set overrides
-
-    @staticmethod
-    def quick(seed: int = 0) -> DemoConfig:
-        return DemoConfig(seed=seed, size=64, train_images=24, val_images=8, test_images=8, detector_steps=6,
-                          pretrain_steps=4, vqa_steps=4, data_fractions=(0.5,), fraction_steps=(2,),
-                          retrieval_steps=4, example_questions=1,
-                          # its 24 training images hold fewer captions than one pretraining batch of 128
-                          extra_sets={"pretrain": ("train.batch_size=16",)})
-
-    def __post_init__(self) -> None:
-        if len(self.data_fractions) != len(self.fraction_steps):
-            raise UserError("demo: data_fractions and fraction_steps need one entry each per fraction")
-        if not all(0.0 < fraction < 1.0 for fraction in self.data_fractions):
-            raise UserError(f"demo: data_fractions must lie in (0, 1), got {list(self.data_fractions)}")
-
 
 @dataclass
 class Stage:
@@ -315,7 +266,7 @@ class Demo:
         self.logs.mkdir(exist_ok=True)
         start = time.perf_counter()
         self.timings = self.run_stages(self.stages())
-        from vl.demo_report import write_report
+        from vl.demo.report import write_report
 
         report = write_report(self, total_seconds=time.perf_counter() - start)
         print(f"report: {report}")
@@ -432,15 +383,6 @@ class Demo:
         return f"{os.cpu_count()} CPU cores ({cpu_name()}, {bf16}), Python {platform.python_version()}"
 
 
-VQA_MODELS = ("vqa-single", "vqa-scratch", "vqa-dual", "vqa-scratch-dual")  # the four VQA models of the demo
-
-
-def fraction_stage(name: str, fraction: float) -> str:
-    """The stage (and run) name of VQA model ``name`` fine-tuned on ``fraction`` of the questions
-    (``vqa-single-10pct``)."""
-    return f"{name}-{fraction * 100:g}pct"
-
-
 def _tail(path: Path, size: int = 4096) -> str:
     """The last ``size`` bytes of a log file as text ("" when it does not exist yet)."""
     try:
@@ -454,8 +396,3 @@ def _tail(path: Path, size: int = 4096) -> str:
 
 def _jsonable(value: Any) -> Any:
     return json.loads(json.dumps(value, default=list))
-
-
-def demo_config(quick: bool, seed: int, overrides: dict[str, Any] | None = None) -> DemoConfig:
-    cfg = DemoConfig.quick(seed) if quick else DemoConfig(seed=seed)
-    return replace(cfg, **(overrides or {}))

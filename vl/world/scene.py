@@ -5,7 +5,7 @@ rotation, and is drawn over a textured, noisy background. Objects overlap little
 box IoU <= ``MAX_BOX_IOU``). Boxes are tight around the drawn pixels: they come from each object's rendered mask.
 
 Every image has its own random stream (``image_rng(seed, split, index)``), so an image depends only on the seed, its
-split and its position. ``vl/data/world.py`` writes scenes out in the standard dataset formats.
+split and its position. ``vl/world/dataset.py`` writes scenes out in the standard dataset formats.
 """
 
 from __future__ import annotations
