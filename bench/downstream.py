@@ -45,7 +45,8 @@ from vl.tasks.vqa import (  # noqa: E402
     load_vqa_finetune_config,
     predict_vqa,
 )
-from vl.train.pretrain_vl import load_pretrain_config, pretrain_vl  # noqa: E402
+from vl.train.pretrain_config import load_pretrain_config  # noqa: E402
+from vl.train.pretrain_vl import pretrain_vl  # noqa: E402
 from vl.precision import machine_info  # noqa: E402
 
 

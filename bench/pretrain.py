@@ -62,7 +62,8 @@ from vl.fusion.pretraining import HeadsConfig, build_pretraining_model  # noqa: 
 from vl.objectives import build_objective  # noqa: E402
 from vl.precision import bf16_native, cpu_name, machine_info  # noqa: E402
 from vl.train.loop import TrainConfig, build_optimizer, clipped_step  # noqa: E402
-from vl.train.pretrain_vl import VLPretrainer, load_pretrain_config  # noqa: E402
+from vl.train.pretrain_config import load_pretrain_config  # noqa: E402
+from vl.train.pretrainer import VLPretrainer  # noqa: E402
 
 BATCH, TOKENS, REGIONS, FEATURE_DIM = 16, 20, 36, 2048
 MASK_PROB = 0.15

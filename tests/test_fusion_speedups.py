@@ -20,7 +20,7 @@ from vl.fusion import build_fusion, load_fusion_config
 from vl.fusion.base import OutputRows
 from vl.fusion.pretraining import HeadsConfig, VLPretrainingModel, head_rows
 from vl.objectives import build_objective
-from vl.train.pretrain_vl import VLPretrainer
+from vl.train.pretrainer import VLPretrainer
 
 from test_vl_objectives import CONFIGS, FEATURE_DIM, NUM_ANSWERS, NUM_CLASSES, VOCAB, make_batch
 
@@ -172,7 +172,8 @@ def test_pretraining_with_train_compile_runs_on_cpu(world, tmp_path, precision):
     from vl.checkpoints.io import load_state_file
     from vl.world.features import write_world_features
     from vl.text.tokenizer import Tokenizer
-    from vl.train.pretrain_vl import load_pretrain_config, pretrain_vl
+    from vl.train.pretrain_config import load_pretrain_config
+    from vl.train.pretrain_vl import pretrain_vl
 
     features = write_world_features(world, tmp_path / "store", splits=("train",))
     Tokenizer.train([world.corpus_split("train")], 300).save(tmp_path / "tokenizer")

@@ -19,7 +19,7 @@ from region_features.images import (
     list_images,
     load_image,
 )
-from vl.data.formats import image_id_from_filename
+from region_features.ids import image_id_from_filename
 from vl.errors import UserError
 
 

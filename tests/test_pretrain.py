@@ -23,7 +23,8 @@ from torch import nn
 
 from region_features.store import FeatureStore, FeatureStoreWriter
 from vl.checkpoints.io import load_state_file
-from vl.data.shards import CaptionRecord, ShardStream, StreamConfig, expand_shards
+from region_features.ids import expand_shards
+from vl.data.shards import CaptionRecord, ShardStream, StreamConfig
 from vl.data.vl_batches import PretrainBatchMaker, PretrainDataConfig, PretrainStream, TaskMixer
 from vl.data.vl_masking import VLBatchPlan, VLMaskingConfig
 from vl.world.features import write_world_features
@@ -32,7 +33,8 @@ from vl.text.tokenizer import Tokenizer
 from vl.train.checkpoint import latest_checkpoint, list_checkpoints
 from vl.train.loop import TrainConfig, TrainingStopped, seed_everything, train
 from vl.train.plot import read_metrics
-from vl.train.pretrain_vl import load_pretrain_config, pretrain_vl
+from vl.train.pretrain_config import load_pretrain_config
+from vl.train.pretrain_vl import pretrain_vl
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "pretrain-uniter-tiny.yaml"
@@ -278,7 +280,9 @@ DDP_SCRIPT = textwrap.dedent('''
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs
     from vl.train.loop import TrainConfig, train
-    from vl.train.pretrain_vl import VLPretrainer, load_pretrain_config, build_model
+    from vl.train.pretrain_config import load_pretrain_config
+    from vl.train.pretrain_vl import build_model
+    from vl.train.pretrainer import VLPretrainer
     from vl.objectives import build_objective
 
 
@@ -383,7 +387,8 @@ def test_accelerate_launch_two_ranks_equal_one_process_on_the_concatenated_batch
 
     from vl.data.vl_masking import concat_batches
     from vl.objectives import build_objective
-    from vl.train.pretrain_vl import VLPretrainer, batch_plans, build_model, task_objectives
+    from vl.train.pretrain_vl import build_model
+    from vl.train.pretrainer import VLPretrainer, batch_plans, task_objectives
 
     annotations = json.loads(world.captions("train").read_text())["annotations"][:96]
     missing = [{"id": 10**6 + i, "image_id": 10**9 + i, "caption": "gone"} for i in range(6)]
@@ -639,7 +644,8 @@ def test_init_from_our_run_hf_visualbert_and_a_text_run(world, features, tokeniz
 
 def test_itm_hard_negatives_are_mined_inside_the_forward(world, features, tokenizer_dir):
     from vl.objectives import build_objective
-    from vl.train.pretrain_vl import VLPretrainer, build_model
+    from vl.train.pretrain_vl import build_model
+    from vl.train.pretrainer import VLPretrainer
 
     cfg = load_pretrain_config(CONFIG, ["model.text.vocab_size=300", "objectives={itm: {}}"])
     model, _, _ = build_model(cfg, None)

@@ -8,7 +8,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from vl.data.shards import ShardStream, StreamConfig, expand_shards, read_shard_records, strip_meta, FaultCounter
+from region_features.ids import expand_shards
+from vl.data.shards import ShardStream, StreamConfig, read_shard_records, strip_meta, FaultCounter
 from vl.errors import UserError
 
 

@@ -10,7 +10,8 @@ from vl.errors import UserError
 
 
 def _pretrain(args: argparse.Namespace) -> int:
-    from vl.train.pretrain_vl import load_pretrain_config, pretrain_vl
+    from vl.train.pretrain_config import load_pretrain_config
+    from vl.train.pretrain_vl import pretrain_vl
 
     cfg = load_pretrain_config(args.config, args.set or [])
     shards, captions = args.shards, args.captions

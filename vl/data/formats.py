@@ -10,8 +10,8 @@ define are ignored, so the real files (COCO 2014, Karpathy's ``dataset_coco.json
 - ``read_karpathy(path, split=None) -> list[KarpathyImage]``: image id = ``cocoid`` when present, else ``imgid``.
 - ``read_vqa_questions(path) -> list[VqaQuestion]``, ``read_vqa_annotations(path) -> list[VqaAnnotation]``,
   ``read_vqa_results(path) -> dict[question_id, answer]``.
-- ``image_id_for(path, root, file_ids)``, ``image_id_from_filename(name)`` and ``image_ids_for_dir(directory,
-  annotations=None)``: the image-id rule (its one copy is ``region_features.ids``).
+- ``image_ids_for_dir(directory, annotations=None)``: every image file's id by the image-id rule
+  (``region_features.ids``).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
 
-from region_features.ids import image_id_for, image_id_from_filename  # noqa: F401 - the one rule
+from region_features.ids import image_id_for
 from vl.errors import UserError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")

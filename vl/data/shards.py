@@ -56,7 +56,8 @@ import torch
 import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 
-from region_features.ids import expand_shards, image_id_of  # noqa: F401 - the one rule
+from region_features.ids import image_id_of
+from vl.data.seeds import stable_seed
 from vl.errors import UserError
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
@@ -410,7 +411,7 @@ class ShardStream(IterableDataset):
             batch_index += 1
             if index < skip:
                 continue  # replaying a consumed batch: no store reads, no masking
-            generator = torch.Generator().manual_seed(hash_seed(self.seed, self.rank, worker, index))
+            generator = torch.Generator().manual_seed(stable_seed(self.seed, self.rank, worker, index))
             ordinal = yielded * num_workers + worker
             if self._takes_ordinal:
                 batch = self.make_batch(records, index, generator, ordinal=ordinal)
@@ -440,14 +441,6 @@ def _round_robin(iterators: list[Iterator[Any]]) -> Iterator[Any]:
 
 
 _DONE = object()
-
-
-def hash_seed(*parts: int) -> int:
-    """A stable 63-bit seed from integers (Python's hash() is salted per process for strings)."""
-    value = 1469598103934665603
-    for part in parts:
-        value = ((value ^ (int(part) & 0xFFFFFFFFFFFFFFFF)) * 1099511628211) % (1 << 63)
-    return value
 
 
 def strip_meta(batch: dict) -> tuple[dict, dict[str, Any]]:

@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 import torch
 
+from vl.data.seeds import stable_seed
 from vl.data.text_masking import IGNORE_INDEX, PhraseMatcher, TextMasker
 from vl.data.text_pairs import SentencePair
 
@@ -97,14 +98,6 @@ class TextPretrainCollator:
         return batch
 
 
-def mix_seed(*parts: int) -> int:
-    """A 63-bit seed from integers (stable across runs and platforms)."""
-    value = 0x9E3779B97F4A7C15
-    for part in parts:
-        value = (value * 6364136223846793005 + int(part) + 1442695040888963407) % (1 << 64)
-    return value % (1 << 63)
-
-
 class TextBatchStream:
     """Endless batches over epochs of examples, with an exact, resumable position.
 
@@ -135,7 +128,7 @@ class TextBatchStream:
         self.world_size = world_size
         self.epoch = 0
         self.position = 0
-        self.generator = torch.Generator().manual_seed(mix_seed(seed, 7, rank))
+        self.generator = torch.Generator().manual_seed(stable_seed(seed, 7, rank))
         self._cache: tuple[int, Sequence[Any], list[list[int]]] | None = None
 
     def _epoch(self, epoch: int) -> tuple[Sequence[Any], list[list[int]]]:
@@ -144,7 +137,7 @@ class TextBatchStream:
             examples = self.examples_for_epoch(epoch)
             if not examples:
                 raise ValueError("the corpus gave no training examples")
-            shuffle = torch.Generator().manual_seed(mix_seed(self.seed, epoch))
+            shuffle = torch.Generator().manual_seed(stable_seed(self.seed, epoch))
             order = torch.randperm(len(examples), generator=shuffle).tolist()
             batches = [order[start:start + self.batch_size] for start in range(0, len(order), self.batch_size)]
             mine = batches[self.rank::self.world_size] or batches[:1]

@@ -41,7 +41,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from vl.data.shards import CaptionRecord, ShardStream, StreamConfig, hash_seed, strip_meta
+from vl.data.seeds import stable_seed
+from vl.data.shards import CaptionRecord, ShardStream, StreamConfig, strip_meta
 from vl.data.vl_masking import (
     MaskingVocab,
     hide_tags,
@@ -114,7 +115,7 @@ class TaskMixer:
     def task_for(self, ordinal: int) -> str:
         if self.sum_all:
             return SUM_TASK
-        draw = random.Random(hash_seed(self.seed, 0x7A5C, ordinal)).random()
+        draw = random.Random(stable_seed(self.seed, 0x7A5C, ordinal)).random()
         for name, edge in zip(self.names, self.cumulative):
             if draw < edge:
                 return name

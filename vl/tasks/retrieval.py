@@ -422,9 +422,9 @@ class RetrievalTrainData:
         self.seed = seed
 
     def __call__(self, epoch: int) -> list[tuple[int, int]]:
-        from vl.data.text_pretrain import mix_seed
+        from vl.data.seeds import stable_seed
 
-        rng = random.Random(mix_seed(self.seed, 0xC4, epoch))
+        rng = random.Random(stable_seed(self.seed, 0xC4, epoch))
         return [(image, rng.choice(texts)) for image, texts in enumerate(self.captions) if texts]
 
 

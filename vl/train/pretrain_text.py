@@ -23,7 +23,8 @@ from vl.checkpoints.text_init import init_from_checkpoint, load_text_checkpoint
 from vl.data.text_corpus import expand_text_inputs, pack_documents, read_documents, tokenize_documents
 from vl.data.text_masking import MaskingConfig, PhraseMatcher, TextMasker
 from vl.data.text_pairs import build_sentence_pairs
-from vl.data.text_pretrain import TextBatchStream, TextPretrainCollator, mix_seed, pair_example, single_example
+from vl.data.seeds import stable_seed
+from vl.data.text_pretrain import TextBatchStream, TextPretrainCollator, pair_example, single_example
 from vl.encoders.text import TextEncoderConfig
 from vl.errors import UserError
 from vl.objectives.text import ElectraConfig, TextPretrainingModel, objective_loss_weights, plan_objectives
@@ -99,7 +100,7 @@ def build_text_stream(cfg: TextPretrainConfig, documents, tokenizer: Tokenizer, 
                                    sentence_labels=plan.pairs in ("nsp", "sop"))
     if plan.pairs != "none":
         def examples_for_epoch(epoch: int):
-            rng = random.Random(mix_seed(cfg.train.seed, epoch, 11))
+            rng = random.Random(stable_seed(cfg.train.seed, epoch, 11))
             pairs = build_sentence_pairs(documents, max_len - 3, plan.pairs, rng, cfg.data.short_seq_prob)
             return [pair_example(pair, tokenizer.cls_id, tokenizer.sep_id) for pair in pairs]
     else:

@@ -34,171 +34,30 @@ import sys
 import tempfile
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import nn
 
-from vl.config import atomic_write_text, from_dict, read_run_config, read_yaml
-from vl.data.shards import FaultCounter, ShardStream, StreamConfig, expand_shards, read_records
-from vl.data.vl_batches import SUM_TASK, PretrainBatchMaker, PretrainDataConfig, PretrainStream, TaskMixer
-from vl.data.vl_masking import VLBatchPlan, concat_batches, unmask_batch
+from vl.config import atomic_write_text
+from region_features.ids import expand_shards
+from vl.data.shards import FaultCounter, ShardStream, read_records
+from vl.data.vl_batches import PretrainBatchMaker, PretrainStream, TaskMixer
 from vl.data.tags import region_tagger
 from vl.errors import UserError
 from vl.fusion.base import FusionConfig
-from vl.fusion.pretraining import HeadsConfig, VLPretrainingModel, build_pretraining_model, head_rows
+from vl.fusion.pretraining import HeadsConfig, VLPretrainingModel, build_pretraining_model
 from vl.objectives import build_objective
-from vl.objectives.itm import mine_hard_negatives, pair_batch
 from vl.text.tokenizer import Tokenizer
-from vl.train.loop import TrainConfig, TrainResult, make_accelerator, seed_everything, train
-
-CAPTION_OBJECTIVES = ("mlm", "mrc", "mrc_kl", "mrfr", "itm", "wra")  # what image-caption data can train
-PRETRAIN_OBJECTIVES = (*CAPTION_OBJECTIVES, "qa")  # qa: image questions given with --questions / --annotations
-FAULTS_FILE = "faults.json"
-QUESTIONS_DIR = "qa"
-
-
-@dataclass(frozen=True)
-class ObjectiveSpec:
-    """One objective of a pretraining run (``objectives.<name>`` in YAML)."""
-
-    weight: float = 1.0  # weight of its loss in the summed loss
-    mix: float = 1.0  # data.mix "sample": relative frequency of batches serving this objective
-    options: dict[str, Any] = field(default_factory=dict)  # constructor options, e.g. mrfr {loss: smooth_l1}
-
-    def __post_init__(self):
-        if self.weight < 0 or self.mix < 0:
-            raise ValueError(f"weight and mix must be >= 0, got weight={self.weight}, mix={self.mix}")
-
-
-def _default_objectives() -> dict[str, ObjectiveSpec]:
-    return {"mlm": ObjectiveSpec(), "itm": ObjectiveSpec()}
-
-
-@dataclass(frozen=True)
-class QAConfig:
-    """The ``qa:`` section: the answer vocabulary built from ``--annotations`` (as ``vl finetune vqa`` builds it)."""
-
-    min_answer_count: int = 9  # answers given fewer times are left out (9 gives VQA v2's 3,129)
-    answer_counting: Literal["multiple_choice", "all"] = "multiple_choice"  # per question, or every annotator
-
-    def __post_init__(self):
-        if self.min_answer_count < 1:
-            raise ValueError(f"min_answer_count must be >= 1, got {self.min_answer_count}")
-
-
-@dataclass(frozen=True)
-class VLPretrainConfig:
-    """A vision-language pretraining run (see the module docstring)."""
-
-    model: FusionConfig = field(default_factory=FusionConfig)
-    heads: HeadsConfig = field(default_factory=HeadsConfig)
-    data: PretrainDataConfig = field(default_factory=PretrainDataConfig)
-    objectives: dict[str, ObjectiveSpec] = field(default_factory=_default_objectives)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    tokenizer: str | None = None  # a tokenizer directory (vocab.txt); None: --init's, else trained on the captions
-    tokenizer_min_frequency: int = 2  # a tokenizer trained on the captions: least count of a merged piece
-    tokenizer_max_captions: int = 200_000  # ... trained on at most this many captions
-    qa: QAConfig = field(default_factory=QAConfig)
-    # Recorded by the command, for reproducibility:
-    init: str | None = None
-    shards: str | None = None
-    features: str | None = None
-    questions: str | None = None
-    annotations: str | None = None
-
-    def __post_init__(self):
-        if not self.objectives:
-            raise ValueError("objectives: list at least one objective")
-        for name in self.objectives:
-            if name not in PRETRAIN_OBJECTIVES:
-                raise ValueError(f"objective '{name}' cannot be pretrained (known: {', '.join(PRETRAIN_OBJECTIVES)})")
-        if self.data.mix == "sample" and not any(spec.mix > 0 for spec in self.objectives.values()):
-            raise ValueError("data.mix 'sample' needs an objective with mix > 0")
-
-
-def load_pretrain_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> VLPretrainConfig:
-    """Load a run config; ``model:`` may name a model config file, whose ``heads:`` are used when the run has none.
-
-    ``--set`` overrides address the run config's layout (``train.steps=10``, ``model.text.num_layers=2``); they
-    are applied after a referenced model file is read.
-    """
-    data, source = read_run_config(path, tuple(overrides), heads_from_model=True)
-    return from_dict(VLPretrainConfig, data, source=source)
+from vl.train.loop import TrainResult, make_accelerator, seed_everything, train
+from vl.train.pretrain_config import FAULTS_FILE, QUESTIONS_DIR, VLPretrainConfig
+from vl.train.pretrain_heldout import evaluate_heldout, heldout_batches
+from vl.train.pretrainer import VLPretrainer, batch_plans, task_objectives
 
 
 def _note(message: str) -> None:
     print(f"pretrain: {message}", file=sys.stderr)
-
-
-# --------------------------------------------------------------------------------------------------------------
-# The trained module: fusion + heads, and the objectives of each task
-
-
-class VLPretrainer(nn.Module):
-    """The module the loop trains: ``forward(batch) -> {objective: loss}`` for the batch's ``task``.
-
-    Its state dict is exactly the ``VLPretrainingModel``'s (``fusion.*``, ``heads.*``): the objectives use the
-    model's heads and own no weights. ``tasks`` maps a task name to the objectives computed on its batches
-    (``"all"``: every objective, for ``data.mix: sum``). Computing the losses inside ``forward`` keeps the heads
-    in the graph that DistributedDataParallel follows. With ``restrict_rows`` (the default) the fusion model runs
-    its last layer only at the rows the objectives' heads read (``vl.fusion.pretraining.head_rows``); the losses
-    and gradients are those of the full computation.
-    """
-
-    def __init__(self, model: VLPretrainingModel, objectives: Mapping[str, nn.Module],
-                 tasks: Mapping[str, Sequence[str]], restrict_rows: bool = True):
-        super().__init__()
-        self.fusion = model.fusion
-        self.heads = model.heads
-        own = {id(p) for p in model.parameters()}
-        for name, objective in objectives.items():
-            foreign = [n for n, p in objective.named_parameters() if id(p) not in own]
-            if foreign:
-                raise UserError(f"objective '{name}' has weights outside the model ({foreign[0]}); give it the "
-                                "model's head")
-        self.objectives = dict(objectives)  # not registered: their weights are the model's heads
-        self.tasks = {task: tuple(names) for task, names in tasks.items()}
-        self.restrict_rows = restrict_rows
-        object.__setattr__(self, "_model", model)
-
-    @property
-    def model(self) -> VLPretrainingModel:
-        """The ``VLPretrainingModel`` this trains (the same modules)."""
-        return self._model
-
-    def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        task = batch.get("task", SUM_TASK)
-        if task not in self.tasks:
-            raise UserError(f"batch task '{task}' is not one of this run's tasks ({', '.join(self.tasks)})")
-        names = self.tasks[task]
-        itm = self.objectives.get("itm")
-        hard = getattr(itm, "hard_negatives", 0) if "itm" in names else 0
-        if hard and self.training:
-            tensors = {key: value for key, value in batch.items() if isinstance(value, torch.Tensor)}
-            k = min(hard, tensors["input_ids"].shape[0] - 1)
-            if k > 0:
-                negatives = mine_hard_negatives(self.fusion, self.heads.itm, tensors, k)
-                batch = concat_batches([tensors, negatives])
-        rows = head_rows(batch, names) if self.restrict_rows else None
-        output = self.fusion(batch, rows) if rows is not None else self.fusion(batch)
-        losses: dict[str, torch.Tensor] = {}
-        for name in names:
-            losses.update(self.objectives[name](output, batch))
-        return losses
-
-
-def task_objectives(cfg: VLPretrainConfig) -> dict[str, tuple[str, ...]]:
-    """Task name -> objectives computed on its batches: one task per objective (sample) or one task ``"all"``."""
-    if cfg.data.mix == "sum":
-        return {SUM_TASK: tuple(cfg.objectives)}
-    return {name: (name,) for name, spec in cfg.objectives.items() if spec.mix > 0}
-
-
-def batch_plans(tasks: Mapping[str, Sequence[str]], objectives: Mapping[str, nn.Module]) -> dict[str, VLBatchPlan]:
-    return {task: VLBatchPlan.for_objectives([objectives[name] for name in names]) for task, names in tasks.items()}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -401,119 +260,6 @@ def check_compatibility(cfg: VLPretrainConfig, model_cfg: FusionConfig, heads: H
     if cfg.data.max_text_len > model_cfg.text.max_position:
         raise UserError(f"data.max_text_len {cfg.data.max_text_len} exceeds model.text.max_position "
                         f"{model_cfg.text.max_position}")
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Held-out evaluation
-
-
-def heldout_batches(maker: PretrainBatchMaker, sources: Sequence[str], batch_size: int, max_batches: int,
-                    seed: int, prepared: bool = True) -> list[dict[str, Any]]:
-    """Fixed evaluation batches from held-out sources: prepared for every objective (negatives and masking), or
-    with ``prepared=False`` plain (every pair matched, nothing masked)."""
-    plan = _union_plan(maker.plans.values()) if prepared else VLBatchPlan()
-    eval_maker = PretrainBatchMaker(maker.tokenizer, maker.store, maker.cfg, TaskMixer({SUM_TASK: 1.0}, seed, True),
-                                    {SUM_TASK: plan}, maker.geometry, maker.with_class_probs, maker.tagger,
-                                    maker.num_answers)
-    stream = ShardStream(list(sources), StreamConfig(batch_size=batch_size, shuffle_buffer=0, shuffle_shards=False,
-                                                     epochs=1, caption_source=maker.cfg.caption_source,
-                                                     max_consecutive_faults=0, drop_last=False),
-                         eval_maker, seed=seed, check_record=eval_maker.check_record)
-    batches = []
-    for batch in stream:
-        batches.append({key: value for key, value in batch.items() if not key.startswith("_")})
-        if len(batches) >= max_batches:
-            break
-    if not batches:
-        raise UserError(f"the held-out data {sources[0]} gives no batches")
-    return batches
-
-
-def _union_plan(plans) -> VLBatchPlan:
-    plans = list(plans)
-    return VLBatchPlan(mask_text=any(p.mask_text for p in plans), mask_regions=any(p.mask_regions for p in plans),
-                       itm_negatives=any(p.itm_negatives for p in plans))
-
-
-@torch.no_grad()
-def evaluate_heldout(module: VLPretrainer, batches: Sequence[dict[str, Any]]) -> dict[str, float]:
-    """Mean loss of every objective on ``batches`` (``val_<name>``) and ITM accuracy (``val_itm_acc``)."""
-    device = next(module.parameters()).device
-    sums: dict[str, float] = {}
-    correct, total = 0, 0
-    names = [name for names in module.tasks.values() for name in names]
-    for batch in batches:
-        batch = {key: (value.to(device) if isinstance(value, torch.Tensor) else value) for key, value in batch.items()}
-        output = module.fusion(batch)
-        for name in dict.fromkeys(names):
-            for key, value in module.objectives[name](output, batch).items():
-                sums[f"val_{key}"] = sums.get(f"val_{key}", 0.0) + float(value)
-        if module.heads.itm is not None and "itm_labels" in batch:
-            logits = module.heads.itm(output.pooled)  # (B, 2)
-            correct += int((logits.argmax(dim=-1) == batch["itm_labels"]).sum())
-            total += int(batch["itm_labels"].numel())
-    values = {key: value / len(batches) for key, value in sums.items()}
-    if total:
-        values["val_itm_acc"] = correct / total
-    return values
-
-
-def itm_accuracy(module: VLPretrainer, batches: Sequence[dict[str, Any]]) -> float:
-    """ITM accuracy on held-out (matched, mismatched) pairs: each caption with its image and with another's.
-
-    batches: plain batches (``heldout_batches(..., prepared=False)``): every pair matched, nothing masked. The
-    mismatched partner of caption i is the image half a batch away (pairs of the same image are left out). Returns
-    the balanced accuracy: the mean of the accuracies on matched and on mismatched pairs.
-    """
-    module.eval()
-    hits = {1: 0, 0: 0}
-    counts = {1: 0, 0: 0}
-    with torch.no_grad():
-        for batch in batches:
-            plain = {key: value for key, value in unmask_batch(batch).items()
-                     if isinstance(value, torch.Tensor) and key != "itm_labels"}
-            size = plain["input_ids"].shape[0]
-            if size < 2:
-                continue
-            rows = torch.arange(size)
-            partners = torch.roll(rows, size // 2)
-            different = plain["image_ids"] != plain["image_ids"][partners]
-            for pairs, label in ((pair_batch(plain, rows, rows), 1),
-                                 (pair_batch(plain, rows[different], partners[different]), 0)):
-                if pairs["input_ids"].shape[0] == 0:
-                    continue
-                logits = module.heads.itm(module.fusion(pairs).pooled)  # (N, 2)
-                hits[label] += int((logits.argmax(dim=-1) == label).sum())
-                counts[label] += logits.shape[0]
-    rates = [hits[label] / counts[label] for label in (0, 1) if counts[label]]
-    return sum(rates) / max(len(rates), 1)
-
-
-def load_pretrainer(run_dir: str | os.PathLike) -> tuple[VLPretrainer, VLPretrainConfig, Tokenizer]:
-    """A trained run's module (final weights), its resolved config and its tokenizer."""
-    from vl.checkpoints.vl_run import load_vl_run
-
-    run_dir = Path(run_dir)
-    cfg = from_dict(VLPretrainConfig, read_yaml(run_dir / "config.yaml"), source=str(run_dir / "config.yaml"))
-    model = load_vl_run(run_dir)
-    objectives = {name: build_objective(name, model, spec.options) for name, spec in cfg.objectives.items()}
-    return VLPretrainer(model, objectives, task_objectives(cfg)), cfg, Tokenizer.from_dir(run_dir)
-
-
-def heldout_itm_accuracy(run_dir: str | os.PathLike, features: str | os.PathLike, pattern: str,
-                         batch_size: int = 32, max_batches: int = 1000) -> float:
-    """ITM accuracy of a trained run on held-out pairs of ``pattern``'s captions (see ``itm_accuracy``)."""
-    from region_features.store import FeatureStore
-
-    module, cfg, tokenizer = load_pretrainer(run_dir)
-    plans = batch_plans(module.tasks, module.objectives)
-    store = FeatureStore(features)
-    maker = PretrainBatchMaker(tokenizer, store, cfg.data, TaskMixer({SUM_TASK: 1.0}, 0, True),
-                               plans, module.fusion.cfg.region.geometry,
-                               any(name in ("mrc", "mrc_kl") for name in cfg.objectives),
-                               region_tagger(store, tokenizer, module.fusion.cfg))
-    return itm_accuracy(module, heldout_batches(maker, expand_shards(pattern), batch_size, max_batches, 0,
-                                                prepared=False))
 
 
 # --------------------------------------------------------------------------------------------------------------
