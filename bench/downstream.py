@@ -27,28 +27,27 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from vl.world.dataset import WorldConfig, generate_world  # noqa: E402
-from vl.world.features import write_world_features  # noqa: E402
-from vl.tasks.retrieval import (  # noqa: E402
+from vl.world.dataset import WorldConfig, generate_world
+from vl.world.features import write_world_features
+from vl.tasks.retrieval import (
     evaluate_retrieval,
     finetune_retrieval,
     format_report,
     load_retrieval_finetune_config,
 )
-from vl.tasks.vqa import (  # noqa: E402
+from vl.tasks.vqa import (
     evaluate_vqa_files,
     finetune_vqa,
     format_vqa_metrics,
     load_vqa_finetune_config,
     predict_vqa,
 )
-from vl.train.pretrain_config import load_pretrain_config  # noqa: E402
-from vl.train.pretrain_vl import pretrain_vl  # noqa: E402
-from vl.precision import machine_info  # noqa: E402
+from vl.train.pretrain_config import load_pretrain_config
+from vl.train.pretrain_vl import pretrain_vl
+from vl.precision import machine_info
 
+
+ROOT = Path(__file__).resolve().parents[1]
 
 def log(message: str) -> None:
     print(f"[downstream] {message}", file=sys.stderr, flush=True)

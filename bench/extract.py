@@ -6,7 +6,7 @@ downloaded) and the same batch size:
 - stock: ``torchvision.models.detection.fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None)`` in eval mode
   under ``torch.inference_mode()``, fp32, its default 1000 proposals per image; it returns detections only;
 - ours: ``configs/detector-resnet50.yaml`` (timm resnet50 + FPN, 2048-d region features) through the code path
-  ``vl-regions extract`` runs per batch (``region_features.extract._extract_batch``): a fixed K boxes per image with
+  ``vl-regions extract`` runs per batch (``region_features.extract.extract_batch``): a fixed K boxes per image with
   their features, class distributions and attributes, turned into fp16 store records. Levers: bf16 autocast
   (AVX-512 bf16 / AMX), channels-last convolutions, inference mode, 300 proposals (bottom-up attention's count),
   no mask/keypoint work.
@@ -31,14 +31,13 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from region_features.detector import BoxSelection, RegionDetector  # noqa: E402
-from region_features.extract import _extract_batch  # noqa: E402
-from vl.precision import bf16_native, resolve_precision  # noqa: E402
-from region_features.images import ProblemLog  # noqa: E402
-from region_features.runs import read_detector_config  # noqa: E402
-from vl.precision import machine_info  # noqa: E402
+from region_features.detector import BoxSelection, RegionDetector
+from region_features.extract import extract_batch
+from vl.precision import bf16_native, resolve_precision
+from region_features.images import ProblemLog
+from region_features.runs import read_detector_config
+from vl.precision import machine_info
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -135,7 +134,7 @@ def main(argv: list[str] | None = None) -> dict:
     sample_batches = [samples_of(batch) for batch in batches]
 
     def run_ours(samples, mode=precision):
-        records = _extract_batch(ours, samples, selection, None, mode, problems)
+        records = extract_batch(ours, samples, selection, None, mode, problems)
         assert all(record["features"].shape == (args.num_boxes, ours.feature_dim) for record in records)
         return records
 

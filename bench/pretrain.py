@@ -51,20 +51,19 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+import torch
+
+from vl.checkpoints.hf_vl import hf_config
+from vl.fusion.pretraining import HeadsConfig, build_pretraining_model
+from vl.objectives import build_objective
+from vl.precision import bf16_native, cpu_name, machine_info
+from vl.train.loop import TrainConfig, build_optimizer, clipped_step
+from vl.train.pretrain_config import load_pretrain_config
+from vl.train.pretrainer import VLPretrainer
+
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from vl.checkpoints.hf_vl import hf_config  # noqa: E402
-from vl.fusion.pretraining import HeadsConfig, build_pretraining_model  # noqa: E402
-from vl.objectives import build_objective  # noqa: E402
-from vl.precision import bf16_native, cpu_name, machine_info  # noqa: E402
-from vl.train.loop import TrainConfig, build_optimizer, clipped_step  # noqa: E402
-from vl.train.pretrain_config import load_pretrain_config  # noqa: E402
-from vl.train.pretrainer import VLPretrainer  # noqa: E402
-
 BATCH, TOKENS, REGIONS, FEATURE_DIM = 16, 20, 36, 2048
 MASK_PROB = 0.15
 

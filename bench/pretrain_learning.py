@@ -28,17 +28,16 @@ import tempfile
 import time
 from pathlib import Path
 
+from vl.world.dataset import WorldConfig, generate_world
+from vl.world.features import write_world_features
+from vl.train.plot import read_metrics
+from vl.train.pretrain_config import load_pretrain_config
+from vl.train.pretrain_heldout import heldout_itm_accuracy
+from vl.train.pretrain_vl import pretrain_vl
+from vl.precision import machine_info
+
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from vl.world.dataset import WorldConfig, generate_world  # noqa: E402
-from vl.world.features import write_world_features  # noqa: E402
-from vl.train.plot import read_metrics  # noqa: E402
-from vl.train.pretrain_config import load_pretrain_config  # noqa: E402
-from vl.train.pretrain_heldout import heldout_itm_accuracy  # noqa: E402
-from vl.train.pretrain_vl import pretrain_vl  # noqa: E402
-from vl.precision import machine_info  # noqa: E402
-
 CONFIGS = {name: ROOT / "configs" / f"pretrain-{name}-tiny.yaml"
            for name in ("visualbert", "uniter", "vilbert", "lxmert")}
 

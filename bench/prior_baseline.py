@@ -18,12 +18,11 @@ import time
 from collections import Counter, defaultdict
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from vl.data.formats import read_vqa_annotations, read_vqa_questions  # noqa: E402
-from vl.world.dataset import WorldConfig, WorldPaths, generate_world, load_world  # noqa: E402
-from vl.tasks.vqa_eval import evaluate_vqa  # noqa: E402
-from vl.precision import machine_info  # noqa: E402
+from vl.data.formats import read_vqa_annotations, read_vqa_questions
+from vl.world.dataset import WorldConfig, WorldPaths, generate_world, load_world
+from vl.tasks.vqa_eval import evaluate_vqa
+from vl.precision import machine_info
 
 
 def prior_answers(train_annotations) -> tuple[dict[str, str], str]:

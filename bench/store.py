@@ -11,16 +11,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from region_features.store import FeatureStore, FeatureStoreWriter  # noqa: E402
+from region_features.store import FeatureStore, FeatureStoreWriter
 
 
 def rss_bytes() -> int:

@@ -21,28 +21,26 @@ import argparse
 import json
 import random
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
 
+import torch
+
+from vl.checkpoints.vl_run import read_run_config, save_vl_run
+from vl.config import load_config
+from vl.world.dataset import WorldConfig, generate_world
+from vl.encoders.bert import BertPretrainingModel
+from vl.tasks.text_classify import TASK as CLASSIFY
+from vl.tasks.text_finetune import FinetuneConfig, TextFinetuneConfig, finetune_text
+from vl.text.tokenizer import Tokenizer
+from vl.train.loop import TrainConfig
+from vl.train.plot import read_metrics
+from vl.train.pretrain_text import TextPretrainConfig, pretrain_text
+from vl.precision import machine_info
+
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import torch  # noqa: E402
-
-from vl.checkpoints.vl_run import read_run_config, save_vl_run  # noqa: E402
-from vl.config import load_config  # noqa: E402
-from vl.world.dataset import WorldConfig, generate_world  # noqa: E402
-from vl.encoders.bert import BertPretrainingModel  # noqa: E402
-from vl.tasks.text_classify import TASK as CLASSIFY  # noqa: E402
-from vl.tasks.text_finetune import FinetuneConfig, TextFinetuneConfig, finetune_text  # noqa: E402
-from vl.text.tokenizer import Tokenizer  # noqa: E402
-from vl.train.loop import TrainConfig  # noqa: E402
-from vl.train.plot import read_metrics  # noqa: E402
-from vl.train.pretrain_text import TextPretrainConfig, pretrain_text  # noqa: E402
-from vl.precision import machine_info  # noqa: E402
-
 
 def tenths(rows: list[dict], key: str) -> tuple[float, float]:
     """Mean of ``key`` over the first and the last tenth of the rows that have it."""

@@ -13,20 +13,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
+import torch
 
-from region_features.coco import read_instances  # noqa: E402
-from region_features.evaluate import evaluate_detector  # noqa: E402
-from region_features.runs import load_detector  # noqa: E402
-from vl.train.detector import train_detector  # noqa: E402
-from vl.world.dataset import WorldConfig, generate_world, load_world  # noqa: E402
-from vl.precision import machine_info  # noqa: E402
+from region_features.coco import read_instances
+from region_features.evaluate import evaluate_detector
+from region_features.runs import load_detector
+from vl.train.detector import train_detector
+from vl.world.dataset import WorldConfig, generate_world, load_world
+from vl.precision import machine_info
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -43,15 +43,14 @@ import torch
 from torch import nn
 from torchvision.ops import box_iou
 
+from region_features.store import FeatureStore
+from vl.data.formats import read_vqa_annotations, read_vqa_questions
+from vl.world.dataset import WorldPaths
+from vl.world.scene import Scene, SceneObject, load_scenes
+from vl.precision import machine_info
+
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from region_features.store import FeatureStore  # noqa: E402
-from vl.data.formats import read_vqa_annotations, read_vqa_questions  # noqa: E402
-from vl.world.dataset import WorldPaths  # noqa: E402
-from vl.world.scene import Scene, SceneObject, load_scenes  # noqa: E402
-from vl.precision import machine_info  # noqa: E402
-
 SPLITS = ("train", "val", "test")
 
 

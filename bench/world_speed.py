@@ -18,10 +18,9 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from vl.world.dataset import WorldConfig, generate_world, measure_speed  # noqa: E402
-from vl.precision import machine_info  # noqa: E402
+from vl.world.dataset import WorldConfig, generate_world, measure_speed
+from vl.precision import machine_info
 
 
 def main() -> int:

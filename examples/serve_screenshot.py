@@ -18,13 +18,12 @@ import tempfile
 import time
 from pathlib import Path
 
+from vl.world.dataset import WorldConfig, generate_world
+from vl.world.features import write_world_features
+from vl.tasks.retrieval import finetune_retrieval, load_retrieval_finetune_config
+
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from vl.world.dataset import WorldConfig, generate_world  # noqa: E402
-from vl.world.features import write_world_features  # noqa: E402
-from vl.tasks.retrieval import finetune_retrieval, load_retrieval_finetune_config  # noqa: E402
-
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 

@@ -161,7 +161,7 @@ def extract_features(
                 if limit is not None:
                     batch = batch[: max(0, limit - extracted)]
                 if batch:
-                    records = _extract_batch(model, batch, selection, boxes_by_id, precision, problems)
+                    records = extract_batch(model, batch, selection, boxes_by_id, precision, problems)
                     for sample, record in zip(batch, records):
                         writer.add(sample["image_id"], record)
                     extracted += len(batch)
@@ -201,7 +201,7 @@ def _usable(batch: list[dict], writer: FeatureStoreWriter, boxes_by_id: dict | N
     return kept
 
 
-def _extract_batch(
+def extract_batch(
     model: RegionDetector,
     batch: list[dict],
     selection: BoxSelection,
