@@ -16,11 +16,9 @@ objectives own no weights of their own then (constructed without a head, an obje
 from __future__ import annotations
 
 import inspect
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping
 from typing import Any
 
-import torch
 from torch import nn
 
 from vl.errors import UserError
@@ -44,19 +42,6 @@ OBJECTIVE_REGISTRY: dict[str, type[nn.Module]] = {
     "wra": WordRegionAlignment,
     "qa": ImageQuestionAnswering,
 }
-
-
-@dataclass(frozen=True)
-class ObjectiveConfig:
-    """One objective of a pretraining run (an item of the YAML list ``objectives``)."""
-
-    name: str  # a key of OBJECTIVE_REGISTRY
-    weight: float = 1.0  # weight of its loss in the summed loss
-    options: dict[str, Any] = field(default_factory=dict)  # extra constructor arguments, e.g. {loss: smooth_l1}
-
-    def __post_init__(self):
-        if self.name not in OBJECTIVE_REGISTRY:
-            raise ValueError(f"objective '{self.name}' is not one of {', '.join(OBJECTIVE_REGISTRY)}")
 
 
 def _head(model: VLPretrainingModel, attribute: str, objective: str, hint: str) -> nn.Module:
@@ -112,22 +97,6 @@ def build_objective(name: str, model: VLPretrainingModel, options: Mapping[str, 
     return cls(**arguments, **options)
 
 
-def build_objectives(configs: Sequence[ObjectiveConfig], model: VLPretrainingModel) -> nn.ModuleDict:
-    """Every configured objective, keyed by name (each name at most once)."""
-    names = [cfg.name for cfg in configs]
-    duplicates = sorted({name for name in names if names.count(name) > 1})
-    if duplicates:
-        raise UserError(f"objectives listed twice: {', '.join(duplicates)}")
-    return nn.ModuleDict({cfg.name: build_objective(cfg.name, model, cfg.options) for cfg in configs})
-
-
-def weighted_loss(losses: Mapping[str, torch.Tensor], weights: Mapping[str, float]) -> torch.Tensor:
-    """sum_name weights[name] * losses[name] (weight 1 for a name without one)."""
-    if not losses:
-        raise UserError("weighted_loss: no losses to sum")
-    return sum(weights.get(name, 1.0) * loss for name, loss in losses.items())
-
-
 __all__ = [
     "OBJECTIVE_REGISTRY",
     "ImageQuestionAnswering",
@@ -136,10 +105,7 @@ __all__ = [
     "MaskedRegionClassification",
     "MaskedRegionClassificationKL",
     "MaskedRegionFeatureRegression",
-    "ObjectiveConfig",
     "WordRegionAlignment",
     "build_objective",
-    "build_objectives",
     "mine_hard_negatives",
-    "weighted_loss",
 ]
