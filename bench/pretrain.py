@@ -352,7 +352,7 @@ def bench_arch(arch: str, warmup: int, steps: int, peaks: dict[str, float], comp
 
 def write_pipeline_data(root: Path, images: int, captions_per_image: int = 5) -> tuple[list[str], Path]:
     """Synthetic shards (JPEG-sized image members, JSON with captions) and a 36 x 2048-d store."""
-    from region_features.store import FeatureStoreWriter
+    from region_features.store_writer import FeatureStoreWriter
 
     rng = np.random.default_rng(0)
     words = ["a", "red", "blue", "large", "small", "circle", "square", "left", "of", "the", "above", "two", "green",

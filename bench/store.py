@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 
 
-from region_features.store import FeatureStore, FeatureStoreWriter
+from region_features.store import FeatureStore
+from region_features.store_writer import FeatureStoreWriter
 
 
 def rss_bytes() -> int:

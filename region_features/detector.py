@@ -35,16 +35,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
-from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, FastRCNNPredictor, TwoMLPHead
+from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, TwoMLPHead
 from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
 from torchvision.models.detection.image_list import ImageList
-from torchvision.models.detection.roi_heads import RoIHeads, fastrcnn_loss
-from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
+from torchvision.models.detection.rpn import RegionProposalNetwork
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign, clip_boxes_to_image, nms
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from torchvision.ops.misc import FrozenBatchNorm2d
 
+from region_features.detector_heads import AttributeHead, Float32Predictor, Float32RPNHead, RegionRoIHeads
 from vl.errors import UserError
 
 TORCHVISION_R50_FPN = "torchvision-fasterrcnn_resnet50_fpn"
@@ -187,96 +187,6 @@ def _torchvision_r50_fpn_backbone() -> BackboneWithFPN:
     return backbone
 
 
-class AttributeHead(nn.Module):
-    """Multi-label attribute logits from a region feature and its object class (bottom-up attention's attribute
-    branch): ``classifier(relu(fc([region_feats, class_embedding(class_ids)])))``.
-
-    forward(region_feats (N, D), class_ids (N,) in 0..num_classes) -> logits (N, num_attributes).
-    """
-
-    def __init__(self, feature_dim: int, num_classes: int, num_attributes: int, embed_dim: int, hidden: int) -> None:
-        super().__init__()
-        self.class_embedding = nn.Embedding(num_classes + 1, embed_dim)  # index 0 = background
-        self.fc = nn.Linear(feature_dim + embed_dim, hidden)
-        self.classifier = nn.Linear(hidden, num_attributes)
-        # BCE weight of each attribute's positives (training only); set from the data's attribute frequencies
-        self.register_buffer("pos_weight", torch.ones(num_attributes))
-
-    def forward(self, region_feats: Tensor, class_ids: Tensor) -> Tensor:
-        hidden = torch.cat([region_feats, self.class_embedding(class_ids).to(region_feats.dtype)], dim=-1)
-        return self.classifier(F.relu(self.fc(hidden)))
-
-
-class RegionRoIHeads(RoIHeads):
-    """torchvision's box RoI heads plus the class-conditioned attribute head and its BCE loss.
-
-    Inference in ``forward`` is torchvision's (per-class NMS detections). Training adds ``loss_attributes``: on the
-    sampled foreground RoIs, BCE between the attribute head (conditioned on the ground-truth class) and the
-    attributes of the matched ground-truth box, averaged over RoIs and attributes. (Summed over attributes it
-    outweighs the class loss early on and slows the learning of object classes several-fold.)
-    """
-
-    def __init__(
-        self, *args, attr_head: AttributeHead | None = None, attr_loss_backbone: bool = True, **kwargs
-    ) -> None:
-        super().__init__(*args, **kwargs)
-        self.attr_head = attr_head
-        self.attr_loss_backbone = attr_loss_backbone
-
-    def region_features(self, features: dict[str, Tensor], boxes: list[Tensor], image_sizes: list[tuple[int, int]]):
-        """Box-head representations of ``boxes`` (per image (N_i, 4), pixels of the resized image) -> (sum N_i, D)."""
-        return self.box_head(self.box_roi_pool(features, boxes, image_sizes))
-
-    def forward(self, features, proposals, image_shapes, targets=None):  # noqa: D102 (torchvision's contract)
-        if not self.training:
-            return super().forward(features, proposals, image_shapes, targets)
-        proposals, matched_idxs, labels, regression_targets = self.select_training_samples(proposals, targets)
-        pooled = self.box_roi_pool(features, proposals, image_shapes)
-        region_feats = self.box_head(pooled)
-        class_logits, box_regression = self.box_predictor(region_feats)
-        loss_classifier, loss_box_reg = fastrcnn_loss(class_logits, box_regression, labels, regression_targets)
-        losses = {"loss_classifier": loss_classifier, "loss_box_reg": loss_box_reg}
-        if self.attr_head is not None:
-            if not self.attr_loss_backbone:  # the box head learns attributes from backbone features it cannot change
-                region_feats = self.box_head(pooled.detach())
-            losses["loss_attributes"] = self.attribute_loss(region_feats, labels, matched_idxs, targets)
-        return [], losses
-
-    def attribute_loss(self, region_feats: Tensor, labels: list[Tensor], matched_idxs: list[Tensor], targets) -> Tensor:
-        num_attributes = self.attr_head.classifier.out_features
-        attr_targets = []
-        for image_matches, target in zip(matched_idxs, targets):
-            gt_attributes = target.get("attributes")
-            if gt_attributes is None or gt_attributes.shape[0] == 0:
-                gt_attributes = region_feats.new_zeros((1, num_attributes))
-                image_matches = torch.zeros_like(image_matches)
-            attr_targets.append(gt_attributes[image_matches])
-        class_ids = torch.cat(labels)
-        foreground = class_ids > 0
-        if not bool(foreground.any()):
-            return region_feats.sum() * 0.0
-        logits = self.attr_head(region_feats[foreground], class_ids[foreground])
-        attr_targets = torch.cat(attr_targets)[foreground].to(logits.dtype)
-        return F.binary_cross_entropy_with_logits(logits, attr_targets, pos_weight=self.attr_head.pos_weight)
-
-
-class _Float32RPNHead(RPNHead):
-    """torchvision's RPN head with float32 outputs, also under bf16 autocast: anchors are decoded into proposals at
-    full precision (bf16 would round a coordinate near 1000 px to a multiple of 8)."""
-
-    def forward(self, x: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
-        logits, deltas = super().forward(x)
-        return [t.float() for t in logits], [t.float() for t in deltas]
-
-
-class _Float32Predictor(FastRCNNPredictor):
-    """torchvision's box predictor with float32 outputs, also under bf16 autocast (see ``_Float32RPNHead``)."""
-
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        scores, deltas = super().forward(x)
-        return scores.float(), deltas.float()
-
-
 class _MultiScaleTransform(GeneralizedRCNNTransform):
     """torchvision's transform, with the training-time shorter side drawn from ``train_min_sizes``."""
 
@@ -327,7 +237,7 @@ class RegionDetector(GeneralizedRCNN):
         )
         rpn = RegionProposalNetwork(
             anchor_generator,
-            _Float32RPNHead(backbone.out_channels, anchor_generator.num_anchors_per_location()[0]),
+            Float32RPNHead(backbone.out_channels, anchor_generator.num_anchors_per_location()[0]),
             fg_iou_thresh=0.7,
             bg_iou_thresh=0.3,
             batch_size_per_image=cfg.rpn_batch_size_per_image,
@@ -350,7 +260,7 @@ class RegionDetector(GeneralizedRCNN):
                 box_head.insert(len(box_head) - 1, nn.BatchNorm1d(representation_size))
         else:
             box_head = TwoMLPHead(backbone.out_channels * cfg.roi_output_size**2, representation_size)
-        box_predictor = _Float32Predictor(representation_size, cfg.num_classes + 1)
+        box_predictor = Float32Predictor(representation_size, cfg.num_classes + 1)
         attr_head = None
         if cfg.has_attributes:
             attr_head = AttributeHead(
@@ -604,4 +514,3 @@ def load_initial_weights(
         raise UserError(f"{path}: missing {len(missing)} tensors for {model.cfg.backbone} (first: '{missing[0]}')")
     target.load_state_dict(state, strict=False)
     return [k for k in own if k not in state]
-

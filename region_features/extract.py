@@ -29,7 +29,7 @@ from region_features.coco import file_id_map, read_instances
 from region_features.detector import BoxSelection, RegionDetector
 from region_features.images import ProblemLog, list_images
 from region_features.pipeline import DetectorLabels, ImageFileDataset, ShardImageDataset, batches_of, to_original
-from region_features.store import FeatureStoreWriter
+from region_features.store_writer import FeatureStoreWriter
 from region_features.runs import load_detector
 from region_features.ids import image_id_for
 from vl.errors import UserError
@@ -209,7 +209,7 @@ def extract_batch(
     precision: Literal["fp32", "bf16"],
     problems: ProblemLog,
 ) -> list[dict]:
-    """Store records (see ``region_features.store``) for one batch of decoded samples."""
+    """Store records (see ``region_features.store_format``) for one batch of decoded samples."""
     given = None
     if boxes_by_id is not None:
         given = [boxes_by_id[sample["image_id"]] * sample["scale"] for sample in batch]

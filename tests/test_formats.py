@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
+from region_features.ids import image_id_from_filename
 from vl.data.formats import (
     check_questions_match,
     group_by,
-    image_id_from_filename,
     image_ids_for_dir,
     read_coco_captions,
     read_coco_instances,

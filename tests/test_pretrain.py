@@ -21,7 +21,8 @@ import pytest
 import torch
 from torch import nn
 
-from region_features.store import FeatureStore, FeatureStoreWriter
+from region_features.store import FeatureStore
+from region_features.store_writer import FeatureStoreWriter
 from vl.checkpoints.io import load_state_file
 from region_features.ids import expand_shards
 from vl.data.shards import CaptionRecord, ShardStream, StreamConfig

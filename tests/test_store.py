@@ -16,17 +16,13 @@ import numpy as np
 import pytest
 import torch
 
-from region_features import store as store_module
+from region_features import store_writer as store_writer_module
 from vl.cli.regions import main as vl_regions
-from region_features.convert import (
-    LXMERT_FIELDNAMES,
-    export_lxmert_tsv,
-    export_npz_dir,
-    import_lxmert_tsv,
-    import_npz_dir,
-)
+from region_features.convert_lxmert import LXMERT_FIELDNAMES, export_lxmert_tsv, import_lxmert_tsv
+from region_features.convert_npz import export_npz_dir, import_npz_dir
 from region_features.images import ProblemLog
-from region_features.store import FeatureStore, FeatureStoreWriter
+from region_features.store import FeatureStore
+from region_features.store_writer import FeatureStoreWriter
 from vl.errors import UserError
 
 DIM, CLASSES, ATTRS = 16, 6, 4
@@ -294,13 +290,13 @@ def test_exception_mid_shard_keeps_completed_records(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real_pwrite(fd, data, offset)
 
-    monkeypatch.setattr(store_module.os, "pwrite", pwrite_then_interrupt)
+    monkeypatch.setattr(store_writer_module.os, "pwrite", pwrite_then_interrupt)
     interrupted = pytest.raises(KeyboardInterrupt)
     with interrupted, FeatureStoreWriter(root, DIM, CLASSES, ATTRS, shard_bytes=8192, flush_every=1000) as writer:
         for number, image_id in enumerate(ids):
             armed["now"] = number == 7
             writer.add(image_id, records[image_id])
-    monkeypatch.setattr(store_module.os, "pwrite", real_pwrite)
+    monkeypatch.setattr(store_writer_module.os, "pwrite", real_pwrite)
     visible_state_is_consistent(root)
     store = FeatureStore(root)
     assert store.ids() == ids[:7]  # every completed record, none of the interrupted one
@@ -325,7 +321,7 @@ def test_hard_crash_loses_only_unflushed_records(tmp_path):
         f"""
         import os, pickle, sys
         sys.path.insert(0, {str(REPO)!r})
-        from region_features.store import FeatureStoreWriter
+        from region_features.store_writer import FeatureStoreWriter
         records = pickle.loads(open({str(tmp_path / "records.pkl")!r}, "rb").read())
         writer = FeatureStoreWriter({str(root)!r}, {DIM}, {CLASSES}, {ATTRS}, flush_every=1000, flush_seconds=1e9)
         for number, (image_id, record) in enumerate(records.items()):

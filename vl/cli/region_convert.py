@@ -5,16 +5,11 @@ from __future__ import annotations
 
 import argparse
 
-from region_features.convert import (
-    DEFAULT_SHARD_BYTES,
-    FORMATS,
-    export_lxmert_tsv,
-    export_npz_dir,
-    import_lxmert_tsv,
-    import_npz_dir,
-    read_names,
-)
+from region_features.convert import FORMATS, read_names
+from region_features.convert_lxmert import export_lxmert_tsv, import_lxmert_tsv
+from region_features.convert_npz import export_npz_dir, import_npz_dir
 from region_features.images import ProblemLog
+from region_features.store_writer import DEFAULT_SHARD_BYTES
 from vl.errors import UserError
 
 IMPORTERS = {"lxmert-tsv": import_lxmert_tsv, "npz-dir": import_npz_dir}

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from region_features.store import FeatureStoreWriter
+from region_features.store_writer import FeatureStoreWriter
 from vl.world.dataset import COLORS, SHAPES, SIZES, WorldPaths
 from vl.errors import UserError
 
