@@ -17,12 +17,12 @@ class DemoConfig:
 
     seed: int = 0
     size: int = 128  # image side in pixels
-    train_images: int = 3000  # 30,000 training questions: with 6,000, 3,000 fine-tuning steps memorised them
+    train_images: int = 3000  # 30,000 training questions: fewer are memorised within the fine-tuning budget
     val_images: int = 100
     test_images: int = 500  # 5,000 test questions: the VQA comparison's noise is well under a point
     questions_per_image: int = 10
     detector_config: str = "detector-tiny.yaml"
-    detector_steps: int = 2000  # at 1,500 the test mAP@0.5 was 0.935 with the classifier loss still falling
+    detector_steps: int = 2000  # the classifier loss still falls at 1,500
     single_stream_config: str = "pretrain-uniter-small.yaml"
     dual_stream_config: str = "pretrain-lxmert-small.yaml"
     pretrain_steps: int | None = None  # None: each pretraining config's own train.steps
@@ -30,12 +30,9 @@ class DemoConfig:
     vqa_steps: int = 1000
     # data efficiency: each VQA model is also fine-tuned on these shares of the training questions, with these steps
     data_fractions: tuple[float, ...] = (0.01, 0.1)
-    fraction_steps: tuple[int, ...] = (300, 1000)  # 10% at 300 steps left every model under-trained (53 / 46)
+    fraction_steps: tuple[int, ...] = (300, 1000)  # 10% of the questions needs as many steps as all of them
     retrieval_config: str = "finetune-retrieval-tiny.yaml"
-    # negatives drawn by similarity (the config's `sampled`): ~0.15 s a step on one thread beside another stage, a
-    # quarter of mining them by ITM score. On seed 0's world, 100 test images: at 600 steps the ITM re-ranking
-    # matches the first stage (text->image R@1 46.0 both); at 1200 it adds 5.6 points (48.6 -> 54.2)
-    retrieval_steps: int = 600
+    retrieval_steps: int = 600  # ~0.15 s a step on one thread beside another stage
     num_boxes: int = 10  # regions per image in the feature store
     vocab_size: int = 400  # WordPiece vocabulary shared by every model
     example_questions: int = 3  # `vl vqa` calls on held-out images
