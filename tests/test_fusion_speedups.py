@@ -15,7 +15,8 @@ import torch
 
 from vl.config import from_dict, read_yaml
 from vl.data.vl_masking import VLBatchPlan, VLMaskingConfig, prepare_vl_batch
-from vl.encoders.transformer import Dropout, TransformerEncoder, row_positions
+from vl.encoders.cpu_kernels import Dropout
+from vl.encoders.transformer import TransformerEncoder, row_positions
 from vl.fusion import build_fusion, load_fusion_config
 from vl.fusion.base import OutputRows
 from vl.fusion.pretraining import HeadsConfig, VLPretrainingModel, head_rows

@@ -54,11 +54,11 @@ from vl.checkpoints.io import (
     save_weights,
 )
 from vl.config import atomic_write_text
+from vl.encoders.regions import init_visual_tables
 from vl.encoders.text import TextEncoderConfig
 from vl.errors import UserError
 from vl.fusion.base import CrossConfig, FusionConfig, RegionConfig, VisionStreamConfig
 from vl.fusion.pretraining import HeadsConfig, VLPretrainingModel, build_pretraining_model
-from vl.fusion.single_stream import init_visual_tables
 
 LXMERT_KIND = "hf-lxmert"
 VISUALBERT_KIND = "hf-visualbert"

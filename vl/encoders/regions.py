@@ -1,16 +1,26 @@
-"""Region embeddings: a detector's pooled region features and box geometry become transformer tokens."""
+"""Region embeddings: a detector's pooled region features and box geometry become transformer tokens.
+
+Also what both fusion families share to build and call them from a ``FusionConfig``: ``build_region_embeddings``,
+``embed_regions`` and ``init_visual_tables``.
+"""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from torch import nn
 
-from vl.encoders.transformer import Dropout
+from vl.encoders.cpu_kernels import Dropout
 from vl.errors import UserError
 
-GEOMETRY_KINDS = {"lxmert4": 4, "vilbert5": 5, "uniter7": 7}
+if TYPE_CHECKING:
+    from vl.encoders.tags import ObjectTags
+    from vl.encoders.transformer import TextEmbeddings
+    from vl.fusion.base import FusionConfig
+
+GeometryKind = Literal["none", "lxmert4", "vilbert5", "uniter7"]
+GEOMETRY_DIMS = {"none": 0, "lxmert4": 4, "vilbert5": 5, "uniter7": 7}  # width of each box encoding; 0: no boxes
 
 
 def box_geometry(norm_boxes: torch.Tensor, kind: str) -> torch.Tensor:
@@ -20,8 +30,9 @@ def box_geometry(norm_boxes: torch.Tensor, kind: str) -> torch.Tensor:
     kind: "lxmert4" -> (B, R, 4) the corners (LXMERT); "vilbert5" -> (B, R, 5) corners + area (ViLBERT);
     "uniter7" -> (B, R, 7) corners + w, h, w * h (UNITER).
     """
-    if kind not in GEOMETRY_KINDS:
-        raise UserError(f"unknown box geometry '{kind}' (known: {', '.join(GEOMETRY_KINDS)})")
+    if not GEOMETRY_DIMS.get(kind):
+        known = ", ".join(name for name, dim in GEOMETRY_DIMS.items() if dim)
+        raise UserError(f"unknown box geometry '{kind}' (known: {known})")
     if norm_boxes.shape[-1] != 4:
         raise UserError(f"box_geometry needs (..., 4) normalised x1, y1, x2, y2 boxes, got {tuple(norm_boxes.shape)}")
     if kind == "lxmert4":
@@ -51,6 +62,7 @@ class RegionEmbeddings(nn.Module):
         feature_dim: int,
         geometry_dim: int,
         hidden_size: int,
+        *,
         layer_norm_eps: float = 1e-12,
         dropout: float = 0.1,
         combine: Literal["mean", "sum"] = "mean",
@@ -106,3 +118,48 @@ class RegionEmbeddings(nn.Module):
         elif self.norm is not None:
             x = self.norm(x)
         return self.dropout(x)
+
+
+def build_region_embeddings(cfg: FusionConfig, hidden_size: int) -> RegionEmbeddings:
+    """The ``RegionEmbeddings`` that ``cfg.region`` describes, of width ``hidden_size``."""
+    region, text = cfg.region, cfg.text
+    return RegionEmbeddings(
+        feature_dim=region.feature_dim,
+        geometry_dim=region.geometry_dim,
+        hidden_size=hidden_size,
+        layer_norm_eps=text.layer_norm_eps,
+        dropout=text.dropout,
+        combine=region.combine,
+        part_norm=region.part_norm,
+        final_norm=region.final_norm == "own",
+        num_types=text.type_vocab_size if region.type_embedding == "own" else 0,
+        type_id=region.type_id,
+        num_positions=text.max_position if region.position_embedding else 0,
+    )
+
+
+def embed_regions(cfg: FusionConfig, text_embeddings: TextEmbeddings, region_embeddings: RegionEmbeddings,
+                  inputs: dict[str, torch.Tensor | None], tags: ObjectTags | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Region tokens (B, R, H), borrowing the text segment row / LayerNorm where ``cfg.region`` says so, and the
+    tag tokens (B, R, H_t) when ``tags`` places them on the text side (else None). ``inputs``: ``read_batch``'s."""
+    type_embedding = None
+    if cfg.region.type_embedding == "text":
+        type_embedding = text_embeddings.token_type_embeddings.weight[cfg.region.type_id]  # (H,)
+    shared_norm = text_embeddings.norm if cfg.region.final_norm == "text" else None
+    tag_tokens = region_extra = None
+    if tags is not None:
+        tag_tokens, region_extra = tags(text_embeddings.word_embeddings, inputs["region_tag_ids"],
+                                        inputs["region_tag_weights"], inputs["region_boxes"])
+    region_tokens = region_embeddings(inputs["region_feats"], inputs["region_boxes"], type_embedding=type_embedding,
+                                      shared_norm=shared_norm, extra=region_extra)
+    return region_tokens, tag_tokens
+
+
+def init_visual_tables(text_embeddings: TextEmbeddings, region_embeddings: RegionEmbeddings) -> None:
+    """VisualBERT's "special visual initialisation": visual type / position tables start as the text ones."""
+    with torch.no_grad():
+        if region_embeddings.type_embeddings is not None:
+            region_embeddings.type_embeddings.weight.copy_(text_embeddings.token_type_embeddings.weight)
+        if region_embeddings.position_embeddings is not None:
+            region_embeddings.position_embeddings.weight.copy_(text_embeddings.position_embeddings.weight)

@@ -13,10 +13,15 @@ easy to learn.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
-from vl.encoders.transformer import Dropout
+from vl.encoders.cpu_kernels import Dropout
+
+if TYPE_CHECKING:
+    from vl.fusion.base import FusionConfig
 
 
 def tag_content(word_embeddings: nn.Embedding, tag_ids: torch.Tensor, tag_weights: torch.Tensor) -> torch.Tensor:
@@ -33,7 +38,7 @@ class TagTokens(nn.Module):
     segment and the box, so the model still sees that a box is there.
     """
 
-    def __init__(self, hidden_size: int, geometry_dim: int, layer_norm_eps: float = 1e-12, dropout: float = 0.1):
+    def __init__(self, hidden_size: int, geometry_dim: int, *, layer_norm_eps: float = 1e-12, dropout: float = 0.1):
         super().__init__()
         self.segment = nn.Parameter(torch.zeros(hidden_size))
         self.box_proj = nn.Linear(geometry_dim, hidden_size) if geometry_dim else None
@@ -56,11 +61,12 @@ class ObjectTags(nn.Module):
     (Linear(H_t, H_v) of the tag content).
     """
 
-    def __init__(self, placement: str, text_hidden: int, region_hidden: int, geometry_dim: int,
+    def __init__(self, placement: str, *, text_hidden: int, region_hidden: int, geometry_dim: int,
                  layer_norm_eps: float = 1e-12, dropout: float = 0.1):
         super().__init__()
         self.placement = placement
-        self.tokens = TagTokens(text_hidden, geometry_dim, layer_norm_eps, dropout) if placement == "text" else None
+        self.tokens = (TagTokens(text_hidden, geometry_dim, layer_norm_eps=layer_norm_eps, dropout=dropout)
+                       if placement == "text" else None)
         self.to_region = nn.Linear(text_hidden, region_hidden) if placement == "region" else None
 
     def forward(self, word_embeddings: nn.Embedding, tag_ids: torch.Tensor, tag_weights: torch.Tensor,
@@ -69,3 +75,12 @@ class ObjectTags(nn.Module):
         if self.tokens is not None:
             return self.tokens(content, region_boxes), None
         return None, self.to_region(content)
+
+
+def build_object_tags(cfg: FusionConfig, region_hidden: int) -> ObjectTags | None:
+    """The ``ObjectTags`` that ``cfg.tags`` asks for (None without tags)."""
+    if cfg.tags is None:
+        return None
+    return ObjectTags(cfg.tags.placement, text_hidden=cfg.text.hidden_size, region_hidden=region_hidden,
+                      geometry_dim=cfg.region.geometry_dim, layer_norm_eps=cfg.text.layer_norm_eps,
+                      dropout=cfg.text.dropout)

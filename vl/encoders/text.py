@@ -42,6 +42,20 @@ class TextEncoderConfig:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
 
 
+def build_text_embeddings(cfg: TextEncoderConfig) -> TextEmbeddings:
+    """The ``TextEmbeddings`` of a text core ``cfg``."""
+    return TextEmbeddings(cfg.vocab_size, cfg.hidden_size, max_position=cfg.max_position,
+                          type_vocab_size=cfg.type_vocab_size, pad_token_id=cfg.pad_token_id,
+                          layer_norm_eps=cfg.layer_norm_eps, dropout=cfg.dropout)
+
+
+def build_transformer_encoder(cfg: TextEncoderConfig) -> TransformerEncoder:
+    """The ``TransformerEncoder`` of a text core ``cfg``: ``cfg.num_layers`` layers of its width."""
+    return TransformerEncoder(cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.intermediate_size,
+                              dropout=cfg.dropout, attn_dropout=cfg.attn_dropout, layer_norm_eps=cfg.layer_norm_eps,
+                              activation=cfg.activation, pre_ln=cfg.pre_ln)
+
+
 @dataclass
 class TextEncoderOutput:
     """hidden: (B, T, H) last layer; pooled: (B, H) tanh(Linear([CLS])); all_hidden: L + 1 tensors (B, T, H)."""
@@ -68,14 +82,8 @@ class TextEncoder(nn.Module):
     def __init__(self, cfg: TextEncoderConfig):
         super().__init__()
         self.cfg = cfg
-        self.embeddings = TextEmbeddings(
-            cfg.vocab_size, cfg.hidden_size, cfg.max_position, cfg.type_vocab_size, cfg.pad_token_id,
-            cfg.layer_norm_eps, cfg.dropout,
-        )
-        self.encoder = TransformerEncoder(
-            cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.intermediate_size, cfg.dropout, cfg.attn_dropout,
-            cfg.layer_norm_eps, cfg.activation, cfg.pre_ln,
-        )
+        self.embeddings = build_text_embeddings(cfg)
+        self.encoder = build_transformer_encoder(cfg)
         self.pooler = Pooler(cfg.hidden_size)
         self.apply(lambda m: init_bert_weights(m, cfg.init_std))
 

@@ -1,11 +1,11 @@
 """The shared transformer core: BERT-style embeddings, attention, a post-/pre-LN layer, mask modes.
 
-Attention runs on SDPA for inference and is written out for training (``attention``), with the cheaper dropout
-mask of ``dropout``; a layer can compute its output at a subset of rows only (``positions``, ``row_positions``)
-for callers that read a few positions of the last layer.
+Attention runs on SDPA, except when training on CPU (``vl.encoders.cpu_kernels.attention``); a layer can compute
+its output at a subset of rows only (``positions``, ``row_positions``) for callers that read a few positions of
+the last layer.
 
-Every model in the project, text-only and vision-language, is built from these blocks. Blocks take explicit
-arguments; the models that assemble them take their config.
+Every model in the project, text-only and vision-language, is built from these blocks. Blocks take their widths
+positionally and everything else by keyword; the models that assemble them take their config.
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from vl.encoders.cpu_kernels import Dropout, attention
 
 MaskMode = Literal["bidirectional", "causal", "prefix"]
 MASK_MODES = ("bidirectional", "causal", "prefix")
@@ -81,48 +83,6 @@ def build_attention_mask(
     return mask
 
 
-def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
-    """``F.dropout`` with a cheaper random mask: 16 random bits per element instead of one generator call.
-
-    Each element is dropped with probability ``p`` rounded to a multiple of 2^-16 (0.1 -> 0.10000610) and the
-    others are scaled by ``1 / (1 - p)``, as in ``F.dropout``; the backward pass multiplies by the same mask. On
-    CPU ``bernoulli_`` draws one 32-bit number per element; this draws one 64-bit number per four elements and is
-    ~5x faster. Other devices use ``F.dropout``.
-    """
-    if not training or p == 0.0:
-        return x
-    if x.device.type != "cpu" or p >= 1.0:  # GPUs have a fused dropout kernel
-        return F.dropout(x, p, training)
-    numel = x.numel()
-    bits = torch.empty((numel + 3) // 4, dtype=torch.int64, device=x.device).random_(-(2**63), None)
-    threshold = -(2**15) + round(p * 2**16)  # an int16 below it is dropped: P = round(p * 2^16) / 2^16
-    keep = bits.view(torch.int16)[:numel].view(x.shape) >= threshold
-    return x.mul(keep).mul_(1.0 / (1.0 - p))
-
-
-class Dropout(nn.Dropout):
-    """``nn.Dropout`` drawing its mask with ``dropout`` (16 random bits per element)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return dropout(x, self.p, self.training)
-
-
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None = None,
-              dropout_p: float = 0.0) -> torch.Tensor:
-    """softmax(q k^T / sqrt(hd)) v with dropout on the probabilities: what ``F.scaled_dot_product_attention``
-    computes, written out for training.
-
-    q (B, nh, T, hd), k and v (B, nh, S, hd), attn_mask bool (B|1, 1|nh, T|1, S) (True = attend) -> (B, nh, T, hd).
-    On CPU SDPA falls back to this computation whenever there is dropout, with a slower mask, and its fused kernel
-    has a slow bf16 backward; the softmax runs in float32 here.
-    """
-    scores = torch.matmul(q, k.transpose(-1, -2)).mul_(q.shape[-1] ** -0.5)  # (B, nh, T, S)
-    if attn_mask is not None:
-        scores = scores.masked_fill(~attn_mask, float("-inf"))
-    probs = dropout(scores.softmax(dim=-1, dtype=torch.float32), dropout_p)  # (B, nh, T, S)
-    return torch.matmul(probs.to(v.dtype), v)
-
-
 def row_positions(rows: torch.Tensor) -> torch.Tensor:
     """bool (B, T) -> long (B, M): each row's selected positions in ascending order, M = the most selected in a row.
 
@@ -167,6 +127,7 @@ class TextEmbeddings(nn.Module):
         self,
         vocab_size: int,
         hidden_size: int,
+        *,
         max_position: int = 512,
         type_vocab_size: int = 2,
         pad_token_id: int = 0,
@@ -202,13 +163,13 @@ class TextEmbeddings(nn.Module):
 
 class Attention(nn.Module):
     """Multi-head attention; self-attention, or cross-attention to ``context``. Training on CPU (under gradient or
-    with dropout) runs ``attention``, the computation SDPA's CPU fallback does with a cheaper dropout mask; else SDPA.
+    with dropout) runs ``cpu_kernels.attention``, SDPA's CPU fallback with a cheaper dropout mask; else SDPA.
 
     ``kv_dim`` is the width of the attended sequence when it differs from ``dim`` (ViLBERT's streams).
     Returns the projected output, before residual and normalisation.
     """
 
-    def __init__(self, dim: int, num_heads: int, kv_dim: int | None = None, attn_dropout: float = 0.0,
+    def __init__(self, dim: int, num_heads: int, *, kv_dim: int | None = None, attn_dropout: float = 0.0,
                  inner_dim: int | None = None):
         super().__init__()
         inner_dim = inner_dim or dim
@@ -278,7 +239,7 @@ class Attention(nn.Module):
 class FeedForward(nn.Module):
     """Position-wise MLP: Linear -> activation -> Linear."""
 
-    def __init__(self, dim: int, hidden_dim: int, activation: str = "gelu"):
+    def __init__(self, dim: int, hidden_dim: int, *, activation: str = "gelu"):
         super().__init__()
         self.fc_in = nn.Linear(dim, hidden_dim)
         self.fc_out = nn.Linear(hidden_dim, dim)
@@ -295,7 +256,7 @@ class Residual(nn.Module):
     ``vl.encoders.adapters.add_adapters`` puts bottleneck adapters: ``norm(x + adapter(drop(f(x))))``.
     """
 
-    def __init__(self, dim: int, dropout: float = 0.1, layer_norm_eps: float = 1e-12, pre_ln: bool = False):
+    def __init__(self, dim: int, *, dropout: float = 0.1, layer_norm_eps: float = 1e-12, pre_ln: bool = False):
         super().__init__()
         self.norm = nn.LayerNorm(dim, eps=layer_norm_eps)
         self.dropout = Dropout(dropout)
@@ -324,6 +285,7 @@ class TransformerLayer(nn.Module):
         dim: int,
         num_heads: int,
         ffn_dim: int,
+        *,
         dropout: float = 0.1,
         attn_dropout: float = 0.1,
         layer_norm_eps: float = 1e-12,
@@ -333,14 +295,15 @@ class TransformerLayer(nn.Module):
         context_dim: int | None = None,
     ):
         super().__init__()
+        residual = dict(dropout=dropout, layer_norm_eps=layer_norm_eps, pre_ln=pre_ln)
         self.attention = Attention(dim, num_heads, attn_dropout=attn_dropout)
-        self.attention_residual = Residual(dim, dropout, layer_norm_eps, pre_ln)
+        self.attention_residual = Residual(dim, **residual)
         self.cross_attention = None
         if cross_attention:
             self.cross_attention = Attention(dim, num_heads, kv_dim=context_dim, attn_dropout=attn_dropout)
-            self.cross_residual = Residual(dim, dropout, layer_norm_eps, pre_ln)
-        self.ffn = FeedForward(dim, ffn_dim, activation)
-        self.ffn_residual = Residual(dim, dropout, layer_norm_eps, pre_ln)
+            self.cross_residual = Residual(dim, **residual)
+        self.ffn = FeedForward(dim, ffn_dim, activation=activation)
+        self.ffn_residual = Residual(dim, **residual)
 
     def forward(
         self,
@@ -380,6 +343,7 @@ class TransformerEncoder(nn.Module):
         dim: int,
         num_heads: int,
         ffn_dim: int,
+        *,
         dropout: float = 0.1,
         attn_dropout: float = 0.1,
         layer_norm_eps: float = 1e-12,
@@ -388,7 +352,8 @@ class TransformerEncoder(nn.Module):
     ):
         super().__init__()
         self.layers = nn.ModuleList(
-            TransformerLayer(dim, num_heads, ffn_dim, dropout, attn_dropout, layer_norm_eps, activation, pre_ln)
+            TransformerLayer(dim, num_heads, ffn_dim, dropout=dropout, attn_dropout=attn_dropout,
+                             layer_norm_eps=layer_norm_eps, activation=activation, pre_ln=pre_ln)
             for _ in range(num_layers)
         )
         self.final_norm = nn.LayerNorm(dim, eps=layer_norm_eps) if pre_ln else nn.Identity()

@@ -36,11 +36,9 @@ from typing import Literal
 import torch
 
 from vl.config import ConfigError, apply_overrides, from_dict, read_yaml
+from vl.encoders.regions import GEOMETRY_DIMS, GeometryKind, box_geometry
 from vl.encoders.text import TextEncoderConfig
 from vl.errors import UserError
-
-GeometryKind = Literal["none", "lxmert4", "vilbert5", "uniter7"]
-GEOMETRY_DIMS = {"none": 0, "lxmert4": 4, "vilbert5": 5, "uniter7": 7}
 
 
 @dataclass(frozen=True)
@@ -338,8 +336,6 @@ def read_batch(batch: dict, cfg: FusionConfig) -> dict[str, torch.Tensor | None]
 
     Raises UserError naming the missing or mis-shaped key.
     """
-    from vl.encoders.regions import box_geometry  # local: regions imports this module's config types
-
     input_ids = _require(batch, "input_ids")
     region_feats = _require(batch, "region_feats")
     if input_ids.dim() != 2:

@@ -26,13 +26,13 @@ import dataclasses
 import torch
 from torch import nn
 
-from vl.encoders.regions import box_geometry
-from vl.encoders.text import Pooler
+from vl.encoders.regions import box_geometry, build_region_embeddings, embed_regions, init_visual_tables
+from vl.encoders.tags import build_object_tags
+from vl.encoders.text import Pooler, build_text_embeddings
 from vl.encoders.transformer import (
     Attention,
     FeedForward,
     Residual,
-    TextEmbeddings,
     TransformerLayer,
     gather_rows,
     init_bert_weights,
@@ -40,7 +40,6 @@ from vl.encoders.transformer import (
     scatter_rows,
 )
 from vl.fusion.base import FusionConfig, OutputRows, VLOutput, key_padding_mask, masked_mean, read_batch
-from vl.fusion.single_stream import build_object_tags, build_region_embeddings, embed_regions, init_visual_tables
 
 
 class LxmertCrossLayer(nn.Module):
@@ -50,15 +49,15 @@ class LxmertCrossLayer(nn.Module):
     layer's inputs; then ``text_layer`` and ``vision_layer`` (self-attention + feed-forward) run per stream.
     """
 
-    def __init__(self, dim: int, num_heads: int, ffn_dim: int, dropout: float = 0.1, attn_dropout: float = 0.1,
+    def __init__(self, dim: int, num_heads: int, ffn_dim: int, *, dropout: float = 0.1, attn_dropout: float = 0.1,
                  layer_norm_eps: float = 1e-12, activation: str = "gelu", pre_ln: bool = False):
         super().__init__()
         self.cross_attention = Attention(dim, num_heads, attn_dropout=attn_dropout)
-        self.cross_residual = Residual(dim, dropout, layer_norm_eps, pre_ln)
-        self.text_layer = TransformerLayer(dim, num_heads, ffn_dim, dropout, attn_dropout, layer_norm_eps,
-                                           activation, pre_ln)
-        self.vision_layer = TransformerLayer(dim, num_heads, ffn_dim, dropout, attn_dropout, layer_norm_eps,
-                                             activation, pre_ln)
+        self.cross_residual = Residual(dim, dropout=dropout, layer_norm_eps=layer_norm_eps, pre_ln=pre_ln)
+        layer = dict(dropout=dropout, attn_dropout=attn_dropout, layer_norm_eps=layer_norm_eps, activation=activation,
+                     pre_ln=pre_ln)
+        self.text_layer = TransformerLayer(dim, num_heads, ffn_dim, **layer)
+        self.vision_layer = TransformerLayer(dim, num_heads, ffn_dim, **layer)
 
     def forward(self, text: torch.Tensor, text_mask: torch.Tensor | None, regions: torch.Tensor,
                 region_mask: torch.Tensor | None, text_positions: torch.Tensor | None = None,
@@ -82,20 +81,21 @@ class CoAttentionBlock(nn.Module):
     attention of inner width ``inner_dim``; each output is projected back to its stream's width.
     """
 
-    def __init__(self, text_dim: int, vision_dim: int, inner_dim: int, num_heads: int, text_ffn_dim: int,
+    def __init__(self, *, text_dim: int, vision_dim: int, inner_dim: int, num_heads: int, text_ffn_dim: int,
                  vision_ffn_dim: int, dropout: float = 0.1, attn_dropout: float = 0.1, layer_norm_eps: float = 1e-12,
                  activation: str = "gelu", pre_ln: bool = False):
         super().__init__()
+        residual = dict(dropout=dropout, layer_norm_eps=layer_norm_eps, pre_ln=pre_ln)
         self.text_cross_attention = Attention(text_dim, num_heads, kv_dim=vision_dim, attn_dropout=attn_dropout,
                                               inner_dim=inner_dim)
-        self.text_cross_residual = Residual(text_dim, dropout, layer_norm_eps, pre_ln)
+        self.text_cross_residual = Residual(text_dim, **residual)
         self.vision_cross_attention = Attention(vision_dim, num_heads, kv_dim=text_dim, attn_dropout=attn_dropout,
                                                 inner_dim=inner_dim)
-        self.vision_cross_residual = Residual(vision_dim, dropout, layer_norm_eps, pre_ln)
-        self.text_ffn = FeedForward(text_dim, text_ffn_dim, activation)
-        self.text_ffn_residual = Residual(text_dim, dropout, layer_norm_eps, pre_ln)
-        self.vision_ffn = FeedForward(vision_dim, vision_ffn_dim, activation)
-        self.vision_ffn_residual = Residual(vision_dim, dropout, layer_norm_eps, pre_ln)
+        self.vision_cross_residual = Residual(vision_dim, **residual)
+        self.text_ffn = FeedForward(text_dim, text_ffn_dim, activation=activation)
+        self.text_ffn_residual = Residual(text_dim, **residual)
+        self.vision_ffn = FeedForward(vision_dim, vision_ffn_dim, activation=activation)
+        self.vision_ffn_residual = Residual(vision_dim, **residual)
 
     def forward(self, text: torch.Tensor, text_mask: torch.Tensor | None, regions: torch.Tensor,
                 region_mask: torch.Tensor | None, text_positions: torch.Tensor | None = None,
@@ -135,6 +135,14 @@ def with_image_token(inputs: dict[str, torch.Tensor | None], geometry: str) -> d
     return out
 
 
+def last_update(order: list[tuple[str, nn.Module]], stream: str) -> int | None:
+    """The index in ``order`` of the last layer that updates ``stream`` ("text" / "vision"; "cross" layers update
+    both), or None. A stream restricted to a few output rows computes them there only: every earlier layer's output
+    is read as keys and values at every row."""
+    updates = [step for step, (kind, _) in enumerate(order) if kind in (stream, "cross")]
+    return updates[-1] if updates else None
+
+
 class DualStreamModel(nn.Module):
     """Text stream + region stream + their exchange (LXMERT or ViLBERT, by ``cfg.cross.kind``).
 
@@ -150,10 +158,7 @@ class DualStreamModel(nn.Module):
         text, vision, cross = cfg.text, cfg.vision, cfg.cross
         common = dict(dropout=text.dropout, attn_dropout=text.attn_dropout, layer_norm_eps=text.layer_norm_eps,
                       activation=text.activation, pre_ln=text.pre_ln)
-        self.text_embeddings = TextEmbeddings(
-            text.vocab_size, text.hidden_size, text.max_position, text.type_vocab_size, text.pad_token_id,
-            text.layer_norm_eps, text.dropout,
-        )
+        self.text_embeddings = build_text_embeddings(text)
         self.region_embeddings = build_region_embeddings(cfg, vision.hidden_size)
         self.tags = build_object_tags(cfg, vision.hidden_size)
         self.text_layers = nn.ModuleList(
@@ -171,8 +176,9 @@ class DualStreamModel(nn.Module):
             )
         else:
             self.cross_layers = nn.ModuleList(
-                CoAttentionBlock(text.hidden_size, vision.hidden_size, cfg.coattn_hidden_size, cfg.coattn_num_heads,
-                                 text.intermediate_size, vision.intermediate_size, **common)
+                CoAttentionBlock(text_dim=text.hidden_size, vision_dim=vision.hidden_size,
+                                 inner_dim=cfg.coattn_hidden_size, num_heads=cfg.coattn_num_heads,
+                                 text_ffn_dim=text.intermediate_size, vision_ffn_dim=vision.intermediate_size, **common)
                 for _ in cross.coattn_layers
             )
         self.text_final_norm = nn.LayerNorm(text.hidden_size, eps=text.layer_norm_eps) if text.pre_ln else None
@@ -188,62 +194,64 @@ class DualStreamModel(nn.Module):
         self.apply(lambda module: init_bert_weights(module, text.init_std))
         init_visual_tables(self.text_embeddings, self.region_embeddings)
 
+    def _layer_order(self) -> list[tuple[str, nn.Module]]:
+        """Every layer in the order the paper runs it, tagged "text" / "vision" (one stream) or "cross" (both).
+
+        LXMERT: the language layers, the object-relationship layers, the cross-modality layers. ViLBERT: for each
+        pair (t, v) of ``cross.coattn_layers``, text layers up to t and vision layers up to v, then a co-attention
+        block; then the rest of each stream.
+        """
+        cross = self.cfg.cross
+        text_layers, vision_layers = list(self.text_layers), list(self.vision_layers)
+        if cross.kind == "lxmert":
+            return ([("text", layer) for layer in text_layers] + [("vision", layer) for layer in vision_layers]
+                    + [("cross", layer) for layer in self.cross_layers])
+        order: list[tuple[str, nn.Module]] = []
+        text_done = vision_done = 0
+        for block, (text_until, vision_until) in zip(self.cross_layers, cross.coattn_layers):
+            order += [("text", layer) for layer in text_layers[text_done:text_until]]
+            order += [("vision", layer) for layer in vision_layers[vision_done:vision_until]]
+            order.append(("cross", block))
+            text_done, vision_done = text_until, vision_until
+        return (order + [("text", layer) for layer in text_layers[text_done:]]
+                + [("vision", layer) for layer in vision_layers[vision_done:]])
+
     def _run_streams(self, text: torch.Tensor, text_mask: torch.Tensor | None, regions: torch.Tensor,
                      region_mask: torch.Tensor | None, text_positions: torch.Tensor | None = None,
                      region_positions: torch.Tensor | None = None, collect: list[torch.Tensor] | None = None
                      ) -> tuple[torch.Tensor, torch.Tensor, bool, bool]:
-        """Both streams through their layers -> (text, regions, text_restricted, regions_restricted).
+        """Both streams through ``_layer_order`` -> (text, regions, text_restricted, regions_restricted).
 
-        With ``text_positions`` / ``region_positions`` the last module of that stream computes those rows only,
-        and the stream comes back as (B, M, H) with its flag set (a stream with no layer at all comes back whole).
-        ``collect`` (LXMERT): appended with the text stream's [CLS] (B, 1, H_t) at entry and after each language
-        and cross-modality layer (the last one after the final norm of a pre-LN model).
+        With ``text_positions`` / ``region_positions`` the last layer that updates that stream computes those rows
+        only, and the stream comes back as (B, M, H) with its flag set (a stream with no layer at all comes back
+        whole). ``collect`` (LXMERT): appended with the text stream's [CLS] (B, 1, H_t) at entry and after each
+        language and cross-modality layer (the last one after the final norm of a pre-LN model).
         """
-        cross = self.cfg.cross
-        num_text, num_vision = len(self.text_layers), len(self.vision_layers)
-        text_done = vision_done = 0
-        text_restricted = region_restricted = False
         if collect is not None:
-            if cross.kind != "lxmert":
+            if self.cfg.cross.kind != "lxmert":
                 raise ValueError("every layer's [CLS] is defined for LXMERT's text stream only")
             collect.append(text[:, :1])
-        if cross.kind == "coattention":
-            last_block = len(self.cross_layers) - 1
-            for index, (block, (text_until, vision_until)) in enumerate(zip(self.cross_layers, cross.coattn_layers)):
-                for layer in self.text_layers[text_done:text_until]:
-                    text = layer(text, text_mask)
-                for layer in self.vision_layers[vision_done:vision_until]:
-                    regions = layer(regions, region_mask)
-                text_last = index == last_block and text_until == num_text and text_positions is not None
-                region_last = index == last_block and vision_until == num_vision and region_positions is not None
-                text, regions = block(text, text_mask, regions, region_mask, text_positions if text_last else None,
-                                      region_positions if region_last else None)
-                text_restricted, region_restricted = text_last, region_last
-                text_done, vision_done = text_until, vision_until
-        streams_last = cross.kind == "coattention" or not self.cross_layers  # stream layers end their stream
-        for index, layer in enumerate(self.text_layers[text_done:], start=text_done):
-            last = streams_last and index == num_text - 1 and text_positions is not None
-            text = layer(text, text_mask, positions=text_positions if last else None)
-            text_restricted = text_restricted or last
-            if collect is not None:
+        order = self._layer_order()
+        text_last = last_update(order, "text")
+        region_last = last_update(order, "vision")
+        for step, (kind, layer) in enumerate(order):
+            text_rows = text_positions if step == text_last else None
+            region_rows = region_positions if step == region_last else None
+            if kind == "text":
+                text = layer(text, text_mask, positions=text_rows)
+            elif kind == "vision":
+                regions = layer(regions, region_mask, positions=region_rows)
+            else:
+                text, regions = layer(text, text_mask, regions, region_mask, text_positions=text_rows,
+                                      region_positions=region_rows)
+            if collect is not None and kind != "vision":
                 collect.append(text[:, :1])
-        for index, layer in enumerate(self.vision_layers[vision_done:], start=vision_done):
-            last = streams_last and index == num_vision - 1 and region_positions is not None
-            regions = layer(regions, region_mask, positions=region_positions if last else None)
-            region_restricted = region_restricted or last
-        if cross.kind == "lxmert":
-            for index, cross_layer in enumerate(self.cross_layers):
-                last = index == len(self.cross_layers) - 1
-                text, regions = cross_layer(text, text_mask, regions, region_mask,
-                                            text_positions if last else None, region_positions if last else None)
-                if collect is not None:
-                    collect.append(text[:, :1])
-                text_restricted, region_restricted = last and text_positions is not None, \
-                    last and region_positions is not None
         if self.text_final_norm is not None:
             text, regions = self.text_final_norm(text), self.vision_final_norm(regions)
             if collect:
                 collect[-1] = text[:, :1]
+        text_restricted = text_positions is not None and text_last is not None
+        region_restricted = region_positions is not None and region_last is not None
         return text, regions, text_restricted, region_restricted
 
     def forward(self, batch: dict[str, torch.Tensor], rows: OutputRows | None = None,

@@ -18,64 +18,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from vl.encoders.regions import RegionEmbeddings
-from vl.encoders.tags import ObjectTags
-from vl.encoders.text import Pooler
-from vl.encoders.transformer import TextEmbeddings, TransformerEncoder, init_bert_weights
+from vl.encoders.regions import build_region_embeddings, embed_regions, init_visual_tables
+from vl.encoders.tags import build_object_tags
+from vl.encoders.text import Pooler, build_text_embeddings, build_transformer_encoder
+from vl.encoders.transformer import init_bert_weights
 from vl.fusion.base import FusionConfig, OutputRows, VLOutput, key_padding_mask, masked_mean, read_batch
-
-
-def build_region_embeddings(cfg: FusionConfig, hidden_size: int) -> RegionEmbeddings:
-    """The ``RegionEmbeddings`` that ``cfg.region`` describes, of width ``hidden_size``."""
-    region, text = cfg.region, cfg.text
-    return RegionEmbeddings(
-        feature_dim=region.feature_dim,
-        geometry_dim=region.geometry_dim,
-        hidden_size=hidden_size,
-        layer_norm_eps=text.layer_norm_eps,
-        dropout=text.dropout,
-        combine=region.combine,
-        part_norm=region.part_norm,
-        final_norm=region.final_norm == "own",
-        num_types=text.type_vocab_size if region.type_embedding == "own" else 0,
-        type_id=region.type_id,
-        num_positions=text.max_position if region.position_embedding else 0,
-    )
-
-
-def build_object_tags(cfg: FusionConfig, region_hidden: int) -> ObjectTags | None:
-    """The ``ObjectTags`` that ``cfg.tags`` asks for (None without tags)."""
-    if cfg.tags is None:
-        return None
-    return ObjectTags(cfg.tags.placement, cfg.text.hidden_size, region_hidden, cfg.region.geometry_dim,
-                      cfg.text.layer_norm_eps, cfg.text.dropout)
-
-
-def embed_regions(cfg: FusionConfig, text_embeddings: TextEmbeddings, region_embeddings: RegionEmbeddings,
-                  inputs: dict[str, torch.Tensor | None], tags: ObjectTags | None = None
-                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Region tokens (B, R, H), borrowing the text segment row / LayerNorm where ``cfg.region`` says so, and the
-    tag tokens (B, R, H_t) when ``tags`` places them on the text side (else None). ``inputs``: ``read_batch``'s."""
-    type_embedding = None
-    if cfg.region.type_embedding == "text":
-        type_embedding = text_embeddings.token_type_embeddings.weight[cfg.region.type_id]  # (H,)
-    shared_norm = text_embeddings.norm if cfg.region.final_norm == "text" else None
-    tag_tokens = region_extra = None
-    if tags is not None:
-        tag_tokens, region_extra = tags(text_embeddings.word_embeddings, inputs["region_tag_ids"],
-                                        inputs["region_tag_weights"], inputs["region_boxes"])
-    region_tokens = region_embeddings(inputs["region_feats"], inputs["region_boxes"], type_embedding=type_embedding,
-                                      shared_norm=shared_norm, extra=region_extra)
-    return region_tokens, tag_tokens
-
-
-def init_visual_tables(text_embeddings: TextEmbeddings, region_embeddings: RegionEmbeddings) -> None:
-    """VisualBERT's "special visual initialisation": visual type / position tables start as the text ones."""
-    with torch.no_grad():
-        if region_embeddings.type_embeddings is not None:
-            region_embeddings.type_embeddings.weight.copy_(text_embeddings.token_type_embeddings.weight)
-        if region_embeddings.position_embeddings is not None:
-            region_embeddings.position_embeddings.weight.copy_(text_embeddings.position_embeddings.weight)
 
 
 class SingleStreamModel(nn.Module):
@@ -92,16 +39,10 @@ class SingleStreamModel(nn.Module):
             raise ValueError(f"SingleStreamModel needs fusion 'single_stream', got '{cfg.fusion}'")
         self.cfg = cfg
         text = cfg.text
-        self.text_embeddings = TextEmbeddings(
-            text.vocab_size, text.hidden_size, text.max_position, text.type_vocab_size, text.pad_token_id,
-            text.layer_norm_eps, text.dropout,
-        )
+        self.text_embeddings = build_text_embeddings(text)
         self.region_embeddings = build_region_embeddings(cfg, text.hidden_size)
         self.tags = build_object_tags(cfg, text.hidden_size)
-        self.encoder = TransformerEncoder(
-            text.num_layers, text.hidden_size, text.num_heads, text.intermediate_size, text.dropout,
-            text.attn_dropout, text.layer_norm_eps, text.activation, text.pre_ln,
-        )
+        self.encoder = build_transformer_encoder(text)
         self.pooler = Pooler(text.hidden_size)
         self.text_hidden_size = text.hidden_size
         self.region_hidden_size = text.hidden_size

@@ -187,8 +187,9 @@ class ElectraGenerator(nn.Module):
                  num_layers: int, word_embeddings: nn.Embedding):
         super().__init__()
         self.embed_project = nn.Linear(cfg.hidden_size, hidden_size) if hidden_size != cfg.hidden_size else None
-        self.encoder = TransformerEncoder(num_layers, hidden_size, num_heads, intermediate_size, cfg.dropout,
-                                          cfg.attn_dropout, cfg.layer_norm_eps, cfg.activation, cfg.pre_ln)
+        self.encoder = TransformerEncoder(num_layers, hidden_size, num_heads, intermediate_size, dropout=cfg.dropout,
+                                          attn_dropout=cfg.attn_dropout, layer_norm_eps=cfg.layer_norm_eps,
+                                          activation=cfg.activation, pre_ln=cfg.pre_ln)
         self.mlm = MLMHead(hidden_size, cfg.vocab_size, cfg.activation, cfg.layer_norm_eps,
                            embedding_size=cfg.hidden_size)
         self.apply(lambda module: init_bert_weights(module, cfg.init_std))
