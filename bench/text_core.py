@@ -27,16 +27,16 @@ from pathlib import Path
 
 import torch
 
-from vl.checkpoints.vl_run import read_run_config, save_vl_run
+from vl.checkpoints.vl_run import read_model_config, save_vl_run
 from vl.config import load_config
 from vl.world.dataset import WorldConfig, generate_world
-from vl.encoders.bert import BertPretrainingModel
-from vl.tasks.text_classify import TASK as CLASSIFY
-from vl.tasks.text_finetune import FinetuneConfig, TextFinetuneConfig, finetune_text
+from vl.text.bert import BertPretrainingModel
+from vl.text.classify import TASK as CLASSIFY
+from vl.text.finetune import FinetuneConfig, TextFinetuneConfig, finetune_text
 from vl.text.tokenizer import Tokenizer
 from vl.train.loop import TrainConfig
 from vl.train.plot import read_metrics
-from vl.train.pretrain_text import TextPretrainConfig, pretrain_text
+from vl.text.pretrain import TextPretrainConfig, pretrain_text
 from vl.precision import machine_info
 
 
@@ -111,7 +111,7 @@ def main() -> None:
 
         # a randomly initialised twin of the pretrained run: same config, same tokenizer
         scratch = work / "scratch"
-        model_cfg, _ = read_run_config(work / "bert")
+        model_cfg, _ = read_model_config(work / "bert")
         torch.manual_seed(args.seed)
         save_vl_run(BertPretrainingModel(model_cfg), scratch)
         Tokenizer.from_dir(work / "bert").save(scratch)

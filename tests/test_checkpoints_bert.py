@@ -19,7 +19,7 @@ from vl.checkpoints.hf_bert import (
     text_config_from_hf,
 )
 from vl.checkpoints.io import detect_checkpoint_kind
-from vl.encoders.bert import BertPretrainingModel
+from vl.text.bert import BertPretrainingModel
 from vl.encoders.text import TextEncoder, TextEncoderConfig
 from vl.errors import UserError
 

@@ -384,7 +384,7 @@ def test_convert_cli_errors(tmp_path, capsys):
 def test_text_core_starts_from_a_vision_language_checkpoint(lxmert_dir, visualbert_dir, tmp_path):
     """vl pretrain-text / finetune --init take LXMERT and VisualBERT checkpoints (HF or ours): their language part."""
     from vl.checkpoints.text_init import init_from_checkpoint, load_text_checkpoint
-    from vl.encoders.bert import BertPretrainingModel
+    from vl.text.bert import BertPretrainingModel
 
     ids = torch.tensor([[2, 17, 33, 41, 3]])
     # VisualBERT (single-stream): the whole transformer reads text alone exactly as Hugging Face's model does

@@ -12,14 +12,14 @@ from vl.checkpoints.io import load_state_file
 from vl.checkpoints.vl_run import load_vl_run, save_vl_run
 from vl.cli import main
 from vl.encoders.adapters import BottleneckAdapter, ScalarMix, add_adapters
-from vl.encoders.bert import BertPretrainingModel
+from vl.text.bert import BertPretrainingModel
 from vl.encoders.text import TextEncoder, TextEncoderConfig
-from vl.tasks.span_qa import TASK as QA
-from vl.tasks.span_qa import f1_score, normalize_answer
-from vl.tasks.text_classify import TASK as CLASSIFY
-from vl.tasks.text_finetune import FinetuneConfig, load_finetuned
-from vl.tasks.text_tag import TASK as TAG
-from vl.tasks.text_tag import bio_chunks
+from vl.text.span_qa import TASK as QA
+from vl.text.span_qa import f1_score, normalize_answer
+from vl.text.classify import TASK as CLASSIFY
+from vl.text.finetune import FinetuneConfig, load_finetuned
+from vl.text.tag import TASK as TAG
+from vl.text.tag import bio_chunks
 from vl.text.tokenizer import Tokenizer
 
 COLORS = ("red", "green", "blue", "yellow")

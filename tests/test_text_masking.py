@@ -8,15 +8,15 @@ import tarfile
 import pytest
 import torch
 
-from vl.data.text_corpus import expand_text_inputs, pack_documents, read_documents
-from vl.data.text_masking import (
+from vl.text.corpus import expand_text_inputs, pack_documents, read_documents
+from vl.text.masking import (
     MaskingConfig,
     PhraseMatcher,
     TextMasker,
     clipped_geometric_pmf,
     sample_span_lengths,
 )
-from vl.data.text_pairs import build_sentence_pairs
+from vl.text.pairs import build_sentence_pairs
 from vl.errors import UserError
 
 PAD, UNK, CLS, SEP, MASK = 0, 1, 2, 3, 4

@@ -6,11 +6,11 @@ import dataclasses
 import pytest
 import torch
 
-from vl.data.text_corpus import read_documents, tokenize_documents
-from vl.data.text_masking import MaskingConfig
+from vl.text.corpus import read_documents, tokenize_documents
+from vl.text.masking import MaskingConfig
 from vl.encoders.text import TextEncoderConfig
 from vl.errors import UserError
-from vl.objectives.text import (
+from vl.text.objectives import (
     ElectraConfig,
     TextPretrainingModel,
     objective_loss_weights,
@@ -18,7 +18,7 @@ from vl.objectives.text import (
     sample_tokens,
 )
 from vl.text.tokenizer import Tokenizer
-from vl.train.pretrain_text import TextDataConfig, TextPretrainConfig, build_text_stream
+from vl.text.pretrain import TextDataConfig, TextPretrainConfig, build_text_stream
 
 TINY = TextEncoderConfig(vocab_size=300, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64,
                          max_position=64)

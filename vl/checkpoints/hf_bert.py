@@ -1,7 +1,7 @@
 """Hugging Face BERT checkpoints (``config.json`` + ``model.safetensors`` or ``pytorch_model.bin``) to and from
 our text core.
 
-The file's names map onto ``BertPretrainingModel``'s (``vl/encoders/bert.py``)::
+The file's names map onto ``BertPretrainingModel``'s (``vl/text/bert.py``)::
 
     [bert.]embeddings.{word,position,token_type}_embeddings   text_encoder.embeddings.{...}_embeddings
     [bert.]embeddings.LayerNorm                                text_encoder.embeddings.norm
@@ -40,7 +40,7 @@ from vl.checkpoints.io import (
     save_weights,
 )
 from vl.config import atomic_write_text
-from vl.encoders.bert import BertPretrainingModel
+from vl.text.bert import BertPretrainingModel
 from vl.encoders.text import TextEncoder, TextEncoderConfig
 from vl.errors import UserError
 

@@ -72,9 +72,9 @@ def load_text_checkpoint(path: str | os.PathLike) -> TextCheckpoint:
     if kind != VL_RUN_KIND:
         raise UserError(f"checkpoint {path} is a '{kind}' checkpoint; the text core starts from a BERT, LXMERT or "
                         "VisualBERT checkpoint or a run directory")
-    from vl.checkpoints.vl_run import read_run_config
+    from vl.checkpoints.vl_run import read_model_config
 
-    cfg, _ = read_run_config(path)
+    cfg, _ = read_model_config(path)
     if not isinstance(cfg, TextEncoderConfig):
         weights_file = path / "model.safetensors"
         cfg, state_dict = language_part(cfg, load_state_file(weights_file), path)

@@ -20,7 +20,7 @@ import torch
 
 from vl.checkpoints.io import VL_RUN_KIND, detect_checkpoint_kind, load_into, load_state_file, save_weights
 from vl.config import ConfigError, atomic_write_text, from_dict, read_yaml, to_dict
-from vl.encoders.bert import BertPretrainingModel
+from vl.text.bert import BertPretrainingModel
 from vl.encoders.text import TextEncoderConfig
 from vl.errors import UserError
 from vl.fusion.base import FusionConfig, fusion_config_from_dict
@@ -64,7 +64,7 @@ def heads_from_weights(state_dict: dict[str, torch.Tensor]) -> HeadsConfig:
     )
 
 
-def read_run_config(run_dir: str | os.PathLike) -> tuple[FusionConfig | TextEncoderConfig, HeadsConfig | None]:
+def read_model_config(run_dir: str | os.PathLike) -> tuple[FusionConfig | TextEncoderConfig, HeadsConfig | None]:
     """The model config of a run directory: (FusionConfig, HeadsConfig or None) for a VL run,
     (TextEncoderConfig, None) for a BERT run."""
     path = Path(run_dir) / CONFIG_FILE
@@ -84,7 +84,7 @@ def load_vl_run(run_dir: str | os.PathLike) -> VLPretrainingModel | BertPretrain
     run_dir = Path(run_dir)
     if detect_checkpoint_kind(run_dir) != VL_RUN_KIND:
         raise UserError(f"{run_dir} is not a run directory of this project (config.yaml + {WEIGHTS_FILE})")
-    cfg, heads = read_run_config(run_dir)
+    cfg, heads = read_model_config(run_dir)
     weights_path = run_dir / WEIGHTS_FILE
     state_dict = load_state_file(weights_path)
     if isinstance(cfg, TextEncoderConfig):

@@ -67,7 +67,7 @@ def _to_hf(args: argparse.Namespace) -> int:
     from vl.checkpoints.hf_bert import export_hf_bert
     from vl.checkpoints.hf_vl import export_hf_vl
     from vl.checkpoints.vl_run import load_vl_run
-    from vl.encoders.bert import BertPretrainingModel
+    from vl.text.bert import BertPretrainingModel
 
     run, out = Path(args.run), Path(args.to_hf)
     _check_out_dir(out, ("config.json", "model.safetensors"), args.force, "--to-hf")

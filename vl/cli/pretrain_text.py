@@ -9,7 +9,7 @@ from vl.config import load_config
 
 
 def _pretrain_text(args: argparse.Namespace) -> int:
-    from vl.train.pretrain_text import TextPretrainConfig, pretrain_text
+    from vl.text.pretrain import TextPretrainConfig, pretrain_text
 
     cfg = load_config(TextPretrainConfig, args.config, args.set or [])
     result = pretrain_text(cfg, args.text, args.out, args.init)

@@ -25,14 +25,14 @@ TASK_HELP = {
 
 def text_task(name: str):
     """The task object for ``name`` (explicit imports: the registry of text tasks)."""
-    from vl.tasks import span_qa, text_classify, text_tag
+    from vl.text import classify, span_qa, tag
 
-    return {"classify": text_classify.TASK, "tag": text_tag.TASK, "span-qa": span_qa.TASK}[name]
+    return {"classify": classify.TASK, "tag": tag.TASK, "span-qa": span_qa.TASK}[name]
 
 
 def _finetune(args: argparse.Namespace) -> int:
     from vl.config import load_config
-    from vl.tasks.text_finetune import TextFinetuneConfig, finetune_text
+    from vl.text.finetune import TextFinetuneConfig, finetune_text
 
     overrides = list(args.set or [])
     if args.mode is not None:
@@ -45,7 +45,7 @@ def _finetune(args: argparse.Namespace) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from vl.tasks.text_finetune import predict_text
+    from vl.text.finetune import predict_text
 
     count = predict_text(text_task(args.task), args.run, args.input, args.out)
     print(f"predict {args.task}: wrote {count} predictions to {args.out}")
@@ -53,7 +53,7 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from vl.tasks.text_finetune import evaluate_predictions
+    from vl.text.finetune import evaluate_predictions
 
     metrics = evaluate_predictions(text_task(args.task), args.gold, args.predictions)
     line = json.dumps(metrics)

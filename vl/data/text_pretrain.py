@@ -20,8 +20,8 @@ from typing import Any, Literal
 import torch
 
 from vl.data.seeds import stable_seed
-from vl.data.text_masking import IGNORE_INDEX, PhraseMatcher, TextMasker
-from vl.data.text_pairs import SentencePair
+from vl.text.masking import IGNORE_INDEX, PhraseMatcher, TextMasker
+from vl.text.pairs import SentencePair
 
 LMMode = Literal["none", "causal", "prefix"]
 

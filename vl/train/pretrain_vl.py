@@ -84,7 +84,7 @@ def write_question_sources(out: Path, cfg: VLPretrainConfig, questions: str, ann
     targets), written round-robin into ``parts`` files ``out/qa/questions-NNNNN.json``. Returns (answers, paths).
     """
     from vl.data.formats import check_questions_match, read_vqa_annotations, read_vqa_questions
-    from vl.tasks.vqa import ANSWERS_FILE, saved_or_built_answers, soft_targets, write_answers
+    from vl.tasks.vqa.answers import ANSWERS_FILE, saved_or_built_answers, soft_targets, write_answers
 
     question_list = read_vqa_questions(questions)
     annotation_list = read_vqa_annotations(annotations)
@@ -169,9 +169,9 @@ def build_model(cfg: VLPretrainConfig, init: str | None) -> tuple[VLPretrainingM
     kind = detect_checkpoint_kind(init)
     text_init = kind == "hf-bert"
     if kind == VL_RUN_KIND:
-        from vl.checkpoints.vl_run import read_run_config
+        from vl.checkpoints.vl_run import read_model_config
 
-        text_init = not isinstance(read_run_config(init)[0], FusionConfig)
+        text_init = not isinstance(read_model_config(init)[0], FusionConfig)
     if text_init:
         model_cfg = _with_text_of(cfg.model, init, kind)
         model = build_pretraining_model(model_cfg, cfg.heads)
@@ -205,9 +205,9 @@ def _with_text_of(model_cfg: FusionConfig, init: str, kind: str) -> FusionConfig
 
         text = text_config_from_hf(read_json_file(Path(init) / "config.json"), Path(init) / "config.json")
     else:
-        from vl.checkpoints.vl_run import read_run_config
+        from vl.checkpoints.vl_run import read_model_config
 
-        text = read_run_config(init)[0]
+        text = read_model_config(init)[0]
     changes = {name: getattr(text, name) for name in _TEXT_FIELDS_FROM_INIT
                if getattr(text, name) != getattr(model_cfg.text, name)}
     if not changes:

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vl.errors import UserError
-from vl.tasks.text_finetune import FinetuneConfig, pad_batch, read_jsonl, write_jsonl
+from vl.text.finetune import FinetuneConfig, pad_batch, read_jsonl, write_jsonl
 from vl.text.tokenizer import Tokenizer
 
 

@@ -20,14 +20,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from vl.checkpoints.text_init import init_from_checkpoint, load_text_checkpoint
-from vl.data.text_corpus import expand_text_inputs, pack_documents, read_documents, tokenize_documents
-from vl.data.text_masking import MaskingConfig, PhraseMatcher, TextMasker
-from vl.data.text_pairs import build_sentence_pairs
+from vl.text.corpus import expand_text_inputs, pack_documents, read_documents, tokenize_documents
+from vl.text.masking import MaskingConfig, PhraseMatcher, TextMasker
+from vl.text.pairs import build_sentence_pairs
 from vl.data.seeds import stable_seed
 from vl.data.text_pretrain import TextBatchStream, TextPretrainCollator, pair_example, single_example
 from vl.encoders.text import TextEncoderConfig
 from vl.errors import UserError
-from vl.objectives.text import ElectraConfig, TextPretrainingModel, objective_loss_weights, plan_objectives
+from vl.text.objectives import ElectraConfig, TextPretrainingModel, objective_loss_weights, plan_objectives
 from vl.text.tokenizer import Tokenizer
 from vl.train.loop import TrainConfig, TrainResult, make_accelerator, seed_everything, train
 

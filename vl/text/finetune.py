@@ -1,6 +1,6 @@
 """Fine-tuning the text core on a task: the model, the four fine-tuning modes, and finetune / predict / evaluate.
 
-A task (``vl/tasks/text_classify.py``, ``text_tag.py``, ``span_qa.py``) supplies its file format, features, head,
+A task (``vl/text/classify.py``, ``tag.py``, ``span_qa.py``) supplies its file format, features, head,
 decoding and metric (the ``TextTask`` protocol below); this module runs them the same way for every task.
 
 Modes (``finetune.mode``):

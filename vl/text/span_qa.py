@@ -27,7 +27,7 @@ from torch import nn
 
 from vl.config import atomic_write_text
 from vl.errors import UserError
-from vl.tasks.text_finetune import FinetuneConfig, pad_batch
+from vl.text.finetune import FinetuneConfig, pad_batch
 from vl.text.tokenizer import Tokenizer
 
 

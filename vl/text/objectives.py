@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vl.encoders.bert import BertPretrainingModel
+from vl.text.bert import BertPretrainingModel
 from vl.encoders.heads import MLMHead, gather_positions
 from vl.encoders.text import TextEncoderConfig
 from vl.encoders.transformer import TransformerEncoder, activation_fn, build_attention_mask, init_bert_weights

@@ -20,7 +20,7 @@ from torch import nn
 
 from vl.encoders.heads import gather_positions
 from vl.errors import UserError
-from vl.tasks.text_finetune import FinetuneConfig, pad_batch, read_jsonl, write_jsonl
+from vl.text.finetune import FinetuneConfig, pad_batch, read_jsonl, write_jsonl
 from vl.text.tokenizer import Tokenizer
 
 IGNORE_INDEX = -100
