@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from pathlib import Path
 
 import pytest
 import safetensors.torch
@@ -32,7 +31,8 @@ from vl.errors import UserError  # noqa: E402
 from vl.fusion import load_fusion_config  # noqa: E402
 from vl.fusion.pretraining import build_pretraining_model, load_model_configs  # noqa: E402
 
-CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+from support import CONFIGS  # noqa: E402
+
 ATOL = 1e-4
 B, T, R, FEAT = 2, 6, 5, 16
 

@@ -3,7 +3,6 @@ stays finite, and gives the same outputs at real positions whatever the padding.
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 import torch
@@ -12,48 +11,12 @@ from vl.config import ConfigError
 from vl.encoders.regions import RegionEmbeddings, box_geometry
 from vl.errors import UserError
 from vl.fusion import FUSION_REGISTRY, VLOutput, build_fusion, load_fusion_config
-from vl.fusion.base import FusionConfig, fusion_config_from_dict
+from vl.fusion.base import fusion_config_from_dict
 from vl.fusion.pretraining import HeadsConfig, VLHeads, build_pretraining_model
 
-CONFIGS = Path(__file__).resolve().parent.parent / "configs"
-TINY = sorted(p.name for p in CONFIGS.glob("*-tiny.yaml") if p.name.split("-")[0] in
-              ("lxmert", "vilbert", "uniter", "visualbert"))
+from support import CONFIGS, TINY, fusion_batch, take
+
 BASE = sorted(name.replace("-tiny", "-base") for name in TINY)
-
-
-def make_batch(cfg: FusionConfig, text_lens: list[int], region_counts: list[int], seed: int = 0) -> dict:
-    """A padded batch: example i has text_lens[i] real tokens and region_counts[i] real regions."""
-    generator = torch.Generator().manual_seed(seed)
-    batch_size, max_text, max_regions = len(text_lens), max(text_lens), max(region_counts)
-    input_ids = torch.randint(5, cfg.text.vocab_size, (batch_size, max_text), generator=generator)
-    attention_mask = torch.zeros(batch_size, max_text, dtype=torch.long)
-    region_mask = torch.zeros(batch_size, max_regions, dtype=torch.long)
-    for i, (length, count) in enumerate(zip(text_lens, region_counts)):
-        attention_mask[i, :length] = 1
-        region_mask[i, :count] = 1
-    input_ids = input_ids * attention_mask  # padding id 0
-    token_type_ids = torch.zeros_like(input_ids)
-    token_type_ids[:, max_text // 2:] = 1
-    corners = torch.rand(batch_size, max_regions, 2, 2, generator=generator).sort(dim=2).values  # x, y ordered
-    boxes = torch.stack([corners[..., 0, 0], corners[..., 0, 1], corners[..., 1, 0], corners[..., 1, 1]], dim=-1)
-    return {
-        "input_ids": input_ids,
-        "attention_mask": attention_mask,
-        "token_type_ids": token_type_ids * attention_mask,
-        "region_feats": torch.randn(batch_size, max_regions, cfg.region.feature_dim, generator=generator),
-        "region_boxes": boxes,  # (B, R, 4): expanded to the model's geometry
-        "region_mask": region_mask,
-    }
-
-
-def take(batch: dict, index: int, text_len: int, region_count: int) -> dict:
-    """Example ``index`` of ``batch`` without its padding."""
-    out = {}
-    for key, value in batch.items():
-        value = value[index:index + 1]
-        out[key] = value[:, :text_len] if key in ("input_ids", "attention_mask", "token_type_ids") \
-            else value[:, :region_count]
-    return out
 
 
 @pytest.fixture(scope="module", params=TINY)
@@ -78,7 +41,7 @@ def test_forward_backward_finite(tiny, padding):
     name, cfg, model = tiny
     model.train()
     text_lens, region_counts = PADDINGS[padding]
-    batch = make_batch(cfg, text_lens, region_counts)
+    batch = fusion_batch(cfg, text_lens, region_counts)
     out = model(batch)
     assert isinstance(out, VLOutput)
     batch_size, num_text, num_regions = 3, max(text_lens), max(region_counts)
@@ -101,7 +64,7 @@ def test_padding_does_not_change_real_positions(tiny):
     name, cfg, model = tiny
     model.eval()
     text_lens, region_counts = [7, 3, 5], [2, 6, 4]
-    batch = make_batch(cfg, text_lens, region_counts, seed=1)
+    batch = fusion_batch(cfg, text_lens, region_counts, seed=1)
     with torch.no_grad():
         padded = model(batch)
         for i, (length, count) in enumerate(zip(text_lens, region_counts)):
@@ -116,7 +79,7 @@ def test_padding_does_not_change_real_positions(tiny):
 def test_optional_masks_mean_no_padding(tiny):
     _, cfg, model = tiny
     model.eval()
-    batch = make_batch(cfg, [5, 5], [4, 4])
+    batch = fusion_batch(cfg, [5, 5], [4, 4])
     bare = {key: value for key, value in batch.items() if key not in ("attention_mask", "region_mask")}
     with torch.no_grad():
         torch.testing.assert_close(model(batch).pooled, model(bare).pooled)
@@ -125,7 +88,7 @@ def test_optional_masks_mean_no_padding(tiny):
 def test_example_without_regions_stays_finite(tiny):
     _, cfg, model = tiny
     model.eval()
-    batch = make_batch(cfg, [5, 4], [3, 3])
+    batch = fusion_batch(cfg, [5, 4], [3, 3])
     batch["region_mask"][1] = 0
     with torch.no_grad():
         out = model(batch)
@@ -136,7 +99,7 @@ def test_example_without_regions_stays_finite(tiny):
 def test_pre_ln_variant(name):
     cfg = load_fusion_config(CONFIGS / name, ["model.text.pre_ln=true"])
     model = build_fusion(cfg)
-    out = model(make_batch(cfg, [4, 3], [3, 2]))
+    out = model(fusion_batch(cfg, [4, 3], [3, 2]))
     out.pooled.sum().backward()
     assert torch.isfinite(out.text_hidden).all()
 
@@ -169,7 +132,7 @@ def test_lxmert_cross_attention_is_shared_between_directions():
     model = build_fusion(cfg)
     layer = model.cross_layers[0]
     assert sum(1 for name, _ in layer.named_children() if "cross" in name) == 2  # one attention + its residual
-    batch = make_batch(cfg, [4], [3])
+    batch = fusion_batch(cfg, [4], [3])
     out = model(batch)
     model.zero_grad()
     # A random projection: the plain sum of LayerNorm outputs has no gradient (each row's normalised values sum to 0).
@@ -188,7 +151,7 @@ def test_vilbert_streams_have_different_widths_and_coattention_runs_where_config
     for index, layer in enumerate(model.text_layers):
         layer.register_forward_hook(lambda module, args, output, index=index: calls.append(("text", index)))
     with torch.no_grad():
-        model(make_batch(cfg, [4], [3]))
+        model(fusion_batch(cfg, [4], [3]))
     # coattn_layers [[1, 0], [2, 1]]: text layer 0, co-attention 0, text layer 1, co-attention 1.
     assert calls == [("text", 0), ("co", 0), ("text", 1), ("co", 1)]
 
@@ -219,7 +182,7 @@ def test_region_embeddings_combine_modes():
 def test_batch_errors_name_the_key():
     cfg = load_fusion_config(CONFIGS / "lxmert-tiny.yaml")
     model = build_fusion(cfg)
-    batch = make_batch(cfg, [4], [3])
+    batch = fusion_batch(cfg, [4], [3])
     with pytest.raises(UserError, match="'region_boxes'"):
         model({key: value for key, value in batch.items() if key != "region_boxes"})
     with pytest.raises(UserError, match="'region_feats'"):
@@ -257,7 +220,7 @@ def test_heads_shapes_and_tying(name):
     model = build_pretraining_model(cfg, heads_cfg).eval()
     assert isinstance(model.heads, VLHeads)
     assert model.heads.mlm.decoder.weight is model.fusion.text_embeddings.word_embeddings.weight
-    out = model(make_batch(cfg, [5, 3], [4, 2]))
+    out = model(fusion_batch(cfg, [5, 3], [4, 2]))
     assert model.heads.mlm(out.text_hidden[:, :2]).shape == (2, 2, cfg.text.vocab_size)
     assert model.heads.itm(out.pooled).shape == (2, 2)
     region = model.heads.region(out.region_hidden[:, :1])
@@ -279,7 +242,7 @@ def test_vilbert_whole_image_region_is_the_mean_region_and_stays_internal():
     model = build_fusion(cfg).eval()
     plain = build_fusion(dataclasses.replace(cfg, region=dataclasses.replace(cfg.region, image_token=False))).eval()
     plain.load_state_dict(model.state_dict())
-    batch = make_batch(cfg, [6, 3, 5], [2, 5, 3])
+    batch = fusion_batch(cfg, [6, 3, 5], [2, 5, 3])
     mask = batch["region_mask"].float()
     mean = (batch["region_feats"] * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
     whole = torch.tensor([0.0, 0.0, 1.0, 1.0]).expand(3, 1, 4)  # the whole image
@@ -304,7 +267,7 @@ def test_all_layers_returns_every_cls_state_ending_with_the_last(name):
     torch.manual_seed(0)
     cfg = load_fusion_config(CONFIGS / name)
     model = build_fusion(cfg).eval()
-    batch = make_batch(cfg, [6, 3, 5], [2, 5, 3])
+    batch = fusion_batch(cfg, [6, 3, 5], [2, 5, 3])
     with torch.no_grad():
         plain, every = model(batch), model(batch, all_layers=True)
     expected = cfg.text.num_layers + 1 + (cfg.cross.num_layers if cfg.fusion == "dual_stream" else 0)

@@ -23,7 +23,7 @@ from vl.fusion.pretraining import HeadsConfig, VLPretrainingModel, head_rows
 from vl.objectives import build_objective
 from vl.train.pretrainer import VLPretrainer
 
-from test_vl_objectives import CONFIGS, FEATURE_DIM, NUM_ANSWERS, NUM_CLASSES, VOCAB, make_batch
+from support import CONFIGS, FEATURE_DIM, NUM_ANSWERS, NUM_CLASSES, VOCAB, pretraining_batch
 
 CASES = {
     "uniter-tiny.yaml": ("mlm", "mrc", "mrc_kl", "mrfr", "itm"),
@@ -53,8 +53,8 @@ def make_pretrainer(config: str, names: tuple[str, ...], restrict_rows: bool, **
 
 def prepared(names: tuple[str, ...], pretrainer: VLPretrainer, seed: int = 0) -> dict:
     plan = VLBatchPlan.for_objectives([pretrainer.objectives[name] for name in names])
-    batch = prepare_vl_batch(make_batch(seed=seed), VLMaskingConfig(), VOCAB, torch.Generator().manual_seed(seed + 1),
-                             plan)
+    batch = prepare_vl_batch(pretraining_batch(seed=seed), VLMaskingConfig(), VOCAB,
+                             torch.Generator().manual_seed(seed + 1), plan)
     return {**batch, "task": "all"}
 
 

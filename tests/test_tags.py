@@ -4,7 +4,6 @@ both placements; the tagger that derives them from a store's distributions; mask
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,9 +16,8 @@ from vl.fusion import build_fusion, load_fusion_config
 from vl.fusion.base import OutputRows, TagConfig
 from vl.text.tokenizer import Tokenizer
 
-from test_fusion import TINY, make_batch, take
+from support import CONFIGS, TINY, fusion_batch, take
 
-CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 PLACEMENTS = ("text", "region")
 TAG_WIDTH = 3
 
@@ -49,7 +47,7 @@ def tagged(request):
 def test_forward_backward_with_tags(tagged):
     name, placement, cfg, model = tagged
     model.train()
-    batch = with_tags(make_batch(cfg, [6, 3, 5], [2, 5, 3]), cfg)
+    batch = with_tags(fusion_batch(cfg, [6, 3, 5], [2, 5, 3]), cfg)
     out = model(batch)
     assert out.text_hidden.shape == (3, 6, model.text_hidden_size)
     assert out.region_hidden.shape == (3, 5, model.region_hidden_size)
@@ -67,7 +65,7 @@ def test_forward_backward_with_tags(tagged):
 def test_the_model_reads_the_tags_and_padding_carries_none(tagged):
     _, _, cfg, model = tagged
     model.eval()
-    batch = with_tags(make_batch(cfg, [5, 4], [4, 2]), cfg)
+    batch = with_tags(fusion_batch(cfg, [5, 4], [4, 2]), cfg)
     with torch.no_grad():
         base = model(batch).pooled
         changed = dict(batch, region_tag_weights=batch["region_tag_weights"].clone())
@@ -82,7 +80,7 @@ def test_padding_does_not_change_real_positions_with_tags(tagged):
     name, _, cfg, model = tagged
     model.eval()
     text_lens, region_counts = [7, 3, 5], [2, 6, 4]
-    batch = with_tags(make_batch(cfg, text_lens, region_counts, seed=1), cfg)
+    batch = with_tags(fusion_batch(cfg, text_lens, region_counts, seed=1), cfg)
     with torch.no_grad():
         padded = model(batch)
         for i, (length, count) in enumerate(zip(text_lens, region_counts)):
@@ -95,7 +93,7 @@ def test_padding_does_not_change_real_positions_with_tags(tagged):
 def test_restricted_rows_match_the_full_model(tagged):
     _, _, cfg, model = tagged
     model.eval()
-    batch = with_tags(make_batch(cfg, [6, 4], [5, 3], seed=2), cfg)
+    batch = with_tags(fusion_batch(cfg, [6, 4], [5, 3], seed=2), cfg)
     text_rows = torch.zeros(2, 6, dtype=torch.bool)
     text_rows[0, 2] = text_rows[1, 3] = True
     region_rows = torch.zeros(2, 5, dtype=torch.bool)
@@ -112,7 +110,7 @@ def test_restricted_rows_match_the_full_model(tagged):
 def test_a_tagged_model_needs_tag_keys():
     cfg = tagged_config("uniter-tiny.yaml", "text")
     model = build_fusion(cfg)
-    batch = make_batch(cfg, [4], [3])
+    batch = fusion_batch(cfg, [4], [3])
     with pytest.raises(UserError, match="batch is missing 'region_tag_ids': the model reads object tags"):
         model(batch)
     tagged_batch = with_tags(batch, cfg)
@@ -184,7 +182,7 @@ def test_multi_piece_names_share_their_weight_and_argmax_only_records_work(token
 
 def test_region_masking_hides_the_tags_and_unmasking_restores_them():
     cfg = tagged_config("uniter-tiny.yaml", "text")
-    batch = with_tags(make_batch(cfg, [6, 6, 6, 6], [5, 5, 5, 5]), cfg)
+    batch = with_tags(fusion_batch(cfg, [6, 6, 6, 6], [5, 5, 5, 5]), cfg)
     vocab = MaskingVocab(cfg.text.vocab_size, 4, (0, 1, 2, 3, 4))
     masked = prepare_vl_batch(batch, VLMaskingConfig(mrm_probability=0.4), vocab, torch.Generator().manual_seed(0),
                               VLBatchPlan(mask_regions=True))

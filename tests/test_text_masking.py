@@ -25,7 +25,7 @@ VOCAB = 400
 CONTINUATION = range(300, 400)  # ids 300..399 are "##" pieces
 
 
-def make_batch(batch: int, seq: int, generator: torch.Generator, continuation: bool = False) -> tuple:
+def token_batch(batch: int, seq: int, generator: torch.Generator, continuation: bool = False) -> tuple:
     """[CLS] ids [SEP] [PAD]...: random lengths, ids from the non-special range."""
     high = VOCAB if continuation else 300
     ids = torch.randint(5, high, (batch, seq), generator=generator)
@@ -49,7 +49,7 @@ def test_token_masking_rate_and_80_10_10_over_many_draws():
     selected = maskable_total = 0
     kinds = collections.Counter()
     for _ in range(40):
-        ids, attention = make_batch(32, 64, generator)
+        ids, attention = token_batch(32, 64, generator)
         out = m(ids, generator, attention)
         chosen = out.labels != -100
         maskable = (ids > MASK) & attention.bool()
@@ -78,7 +78,7 @@ def test_expected_rate_holds_for_short_sequences():
 
 
 def test_masking_is_dynamic_and_reproducible():
-    ids, attention = make_batch(8, 64, torch.Generator().manual_seed(2))
+    ids, attention = token_batch(8, 64, torch.Generator().manual_seed(2))
     m = masker()
     generator = torch.Generator().manual_seed(5)
     first, second = m(ids, generator, attention), m(ids, generator, attention)
@@ -92,7 +92,7 @@ def test_whole_word_masking_takes_whole_words():
     m = masker(unit="word")
     selected = maskable_total = 0
     for _ in range(20):
-        ids, attention = make_batch(16, 64, generator, continuation=True)
+        ids, attention = token_batch(16, 64, generator, continuation=True)
         out = m(ids, generator, attention)
         chosen = out.labels != -100
         maskable = (ids > MASK) & attention.bool()

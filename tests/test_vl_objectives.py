@@ -7,14 +7,11 @@ the tiny single-stream (UNITER) and dual-stream (LXMERT) configs.
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from pathlib import Path
 
 import pytest
 import torch
 
-from vl.config import from_dict, read_yaml
 from vl.data.vl_masking import (
     IGNORE_INDEX,
     MaskingVocab,
@@ -34,73 +31,28 @@ from vl.fusion.pretraining import HeadsConfig, VLPretrainingModel
 from vl.objectives import OBJECTIVE_REGISTRY, build_objective
 from vl.objectives.itm import (hardest_wrong_pairs, match_scores, mine_hard_negatives, pair_batch, sampled_wrong_pairs,
                               score_all_pairs)
+from support import (CONFIGS, VOCAB, make_model,
+                     pretraining_batch)
 from vl.objectives.wra import WordRegionAlignment, cosine_cost, ipot_plan, ot_distance
 
-CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 FAMILIES = {"single_stream": "uniter-tiny.yaml", "dual_stream": "lxmert-tiny.yaml"}
-VOCAB = MaskingVocab(vocab_size=512, mask_token_id=4, special_token_ids=(0, 1, 2, 3, 4))  # PAD UNK CLS SEP MASK
-CLS, SEP = 2, 3
-FEATURE_DIM, NUM_CLASSES, NUM_ANSWERS = 16, 12, 10
 OBJECTIVES = list(OBJECTIVE_REGISTRY)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
-def make_model(config_name: str, seed: int = 0, dropout: float = 0.0) -> VLPretrainingModel:
-    """A tiny model from ``configs/`` with every head the objectives need (region obj/attr/feat, 10 answers)."""
-    path = CONFIGS / config_name
-    cfg = load_fusion_config(path, [f"model.text.dropout={dropout}", f"model.text.attn_dropout={dropout}"])
-    heads = from_dict(HeadsConfig, read_yaml(path)["heads"], source=str(path), prefix="heads")
-    heads = dataclasses.replace(heads, region_outputs={"obj": NUM_CLASSES, "attr": 8, "feat": FEATURE_DIM},
-                                num_answers=NUM_ANSWERS)
-    torch.manual_seed(seed)
-    return VLPretrainingModel(build_fusion(cfg), heads)
-
-
-def make_batch(batch_size: int = 8, text_len: int = 12, num_regions: int = 10, seed: int = 0,
-               vocab_size: int = 512) -> dict[str, torch.Tensor]:
-    """Captions ``[CLS] w... [SEP] [PAD]...`` and regions with padding in both modalities, detector
-    distributions, image ids, and QA targets on half of the samples."""
-    gen = torch.Generator().manual_seed(seed)
-    input_ids = torch.zeros(batch_size, text_len, dtype=torch.long)
-    attention_mask = torch.zeros(batch_size, text_len, dtype=torch.long)
-    region_mask = torch.zeros(batch_size, num_regions, dtype=torch.long)
-    for row in range(batch_size):
-        length = text_len - (row % 4)  # some captions padded
-        words = torch.randint(5, vocab_size, (length - 2,), generator=gen)
-        input_ids[row, :length] = torch.cat([torch.tensor([CLS]), words, torch.tensor([SEP])])
-        attention_mask[row, :length] = 1
-        region_mask[row, : num_regions - (row % 3)] = 1  # some region sets padded
-    corners = torch.rand(batch_size, num_regions, 2, 2, generator=gen).sort(dim=2).values  # (B, R, 2 [min, max], 2)
-    region_boxes = corners.permute(0, 1, 3, 2).reshape(batch_size, num_regions, 4)[..., [0, 2, 1, 3]]
-    region_class_probs = torch.softmax(3 * torch.randn(batch_size, num_regions, NUM_CLASSES, generator=gen), -1)
-    answer_targets = (torch.rand(batch_size, NUM_ANSWERS, generator=gen) > 0.8).float()
-    return {
-        "input_ids": input_ids,
-        "attention_mask": attention_mask,
-        "token_type_ids": torch.zeros_like(input_ids),
-        "region_feats": torch.randn(batch_size, num_regions, FEATURE_DIM, generator=gen),
-        "region_boxes": region_boxes,
-        "region_mask": region_mask,
-        "region_class_probs": region_class_probs,
-        "image_ids": torch.arange(batch_size),
-        "answer_targets": answer_targets,
-        "has_answer": torch.arange(batch_size) % 2 == 0,
-    }
-
-
 def prepared_batch(objective: torch.nn.Module, seed: int = 0, **overrides) -> dict[str, torch.Tensor]:
     cfg = VLMaskingConfig(**overrides)
     plan = VLBatchPlan.for_objectives([objective])
-    return prepare_vl_batch(make_batch(seed=seed), cfg, VOCAB, torch.Generator().manual_seed(seed + 1), plan)
+    return prepare_vl_batch(pretraining_batch(seed=seed), cfg, VOCAB, torch.Generator().manual_seed(seed + 1), plan)
 
 
 # ----------------------------------------------------------------------------------------------- masking
 
 
 def test_text_masking_rate_and_80_10_10_never_specials_or_padding():
-    batch = make_batch(batch_size=64, text_len=40, vocab_size=5000)
+    batch = pretraining_batch(batch_size=64, text_len=40, vocab_size=5000)
     vocab = MaskingVocab(5000, 4, (0, 1, 2, 3, 4))
     gen = torch.Generator().manual_seed(0)
     candidates = batch["attention_mask"].bool() & (batch["input_ids"] > 4)
@@ -125,7 +77,7 @@ def test_text_masking_rate_and_80_10_10_never_specials_or_padding():
 
 
 def test_every_sample_chosen_for_masking_gets_at_least_one_token_and_region():
-    batch = make_batch(batch_size=32, text_len=6, num_regions=4)
+    batch = pretraining_batch(batch_size=32, text_len=6, num_regions=4)
     gen = torch.Generator().manual_seed(1)
     _, labels = mask_text_tokens(batch["input_ids"], batch["attention_mask"], VOCAB, gen, probability=0.01)
     assert ((labels != IGNORE_INDEX).sum(dim=1) >= 1).all()
@@ -140,7 +92,7 @@ def test_region_masking_rate_zeroes_features_and_keeps_targets():
     gen = torch.Generator().manual_seed(0)
     selected = total = 0
     for seed in range(40):
-        batch = make_batch(batch_size=32, num_regions=20, seed=seed)
+        batch = pretraining_batch(batch_size=32, num_regions=20, seed=seed)
         out = prepare_vl_batch(batch, cfg, VOCAB, gen, plan)
         mrm = out["mrm_mask"]
         assert not (mrm & ~batch["region_mask"].bool()).any(), "a padded region was masked"
@@ -163,7 +115,7 @@ def test_conditional_masking_masks_one_modality_per_sample_and_never_negatives()
     gen = torch.Generator().manual_seed(0)
     text_samples = region_samples = negatives = samples = 0
     for seed in range(30):
-        batch = make_batch(batch_size=16, seed=seed)
+        batch = pretraining_batch(batch_size=16, seed=seed)
         batch["image_ids"] = torch.arange(16) + 100 * seed
         out = prepare_vl_batch(batch, cfg, VOCAB, gen, plan)
         text_masked = (out["mlm_labels"] != IGNORE_INDEX).any(dim=1)
@@ -185,7 +137,7 @@ def test_conditional_masking_masks_one_modality_per_sample_and_never_negatives()
 
 
 def test_itm_negatives_swap_regions_or_text_from_another_sample():
-    batch = make_batch(batch_size=10)
+    batch = pretraining_batch(batch_size=10)
     gen = torch.Generator().manual_seed(3)
     out = make_itm_negatives(batch, gen, negative_ratio=0.3, swap="regions")
     negative = out["itm_labels"] == 0
@@ -208,24 +160,24 @@ def test_itm_negatives_swap_regions_or_text_from_another_sample():
 
 
 def test_itm_negative_of_the_same_image_stays_matched_and_masked_batches_are_refused():
-    batch = make_batch(batch_size=6)
+    batch = pretraining_batch(batch_size=6)
     batch["image_ids"] = torch.zeros(6, dtype=torch.long)  # six captions of one image
     out = make_itm_negatives(batch, torch.Generator().manual_seed(0), negative_ratio=1.0, swap="text")
     assert (out["itm_labels"] == 1).all()
-    masked = prepare_vl_batch(make_batch(), VLMaskingConfig(), VOCAB, torch.Generator().manual_seed(0),
+    masked = prepare_vl_batch(pretraining_batch(), VLMaskingConfig(), VOCAB, torch.Generator().manual_seed(0),
                               VLBatchPlan(mask_text=True))
     with pytest.raises(UserError, match="already masked"):
         make_itm_negatives(masked, torch.Generator().manual_seed(0))
     restored = unmask_batch(masked)
-    assert torch.equal(restored["input_ids"], make_batch()["input_ids"]) and "mlm_labels" not in restored
+    assert torch.equal(restored["input_ids"], pretraining_batch()["input_ids"]) and "mlm_labels" not in restored
 
 
 def test_preparation_is_deterministic_given_the_generator():
     cfg = VLMaskingConfig()
     plan = VLBatchPlan(mask_text=True, mask_regions=True, itm_negatives=True)
-    first = prepare_vl_batch(make_batch(), cfg, VOCAB, torch.Generator().manual_seed(7), plan)
-    second = prepare_vl_batch(make_batch(), cfg, VOCAB, torch.Generator().manual_seed(7), plan)
-    third = prepare_vl_batch(make_batch(), cfg, VOCAB, torch.Generator().manual_seed(8), plan)
+    first = prepare_vl_batch(pretraining_batch(), cfg, VOCAB, torch.Generator().manual_seed(7), plan)
+    second = prepare_vl_batch(pretraining_batch(), cfg, VOCAB, torch.Generator().manual_seed(7), plan)
+    third = prepare_vl_batch(pretraining_batch(), cfg, VOCAB, torch.Generator().manual_seed(8), plan)
     assert first.keys() == second.keys()
     assert all(torch.equal(first[key], second[key]) for key in first)
     assert not all(torch.equal(first[key], third[key]) for key in first)
@@ -253,7 +205,7 @@ def test_grounded_tokens_are_the_detector_names_and_their_plurals_that_are_one_t
 
 
 def test_grounded_probability_masks_the_grounded_tokens_at_their_own_rate():
-    batch = make_batch(batch_size=64, text_len=40, vocab_size=40)
+    batch = pretraining_batch(batch_size=64, text_len=40, vocab_size=40)
     grounded = (10, 11, 12)
     vocab = MaskingVocab(40, 4, (0, 1, 2, 3, 4), grounded)
     candidates = batch["attention_mask"].bool() & (batch["input_ids"] > 4)
@@ -333,7 +285,7 @@ def test_each_objective_returns_its_named_finite_scalar_loss(family, name):
 def test_objectives_without_targets_give_a_zero_loss(name):
     model = make_model(FAMILIES["dual_stream"])
     objective = build_objective(name, model)
-    batch = make_batch()
+    batch = pretraining_batch()
     batch.update(mlm_labels=torch.full_like(batch["input_ids"], IGNORE_INDEX),
                  mrm_mask=torch.zeros(8, 10, dtype=torch.bool),
                  mrm_class_targets=torch.full((8, 10), IGNORE_INDEX), mrm_feat_targets=batch["region_feats"],
@@ -424,7 +376,7 @@ def test_build_objective_errors_name_the_problem():
     with pytest.raises(UserError, match="equal widths"):
         build_objective("wra", vilbert)
     with pytest.raises(UserError, match="mlm_labels"):
-        build_objective("mlm", model)(model(make_batch()), make_batch())
+        build_objective("mlm", model)(model(pretraining_batch()), pretraining_batch())
 
 
 def test_objective_options_and_their_heads():
