@@ -29,19 +29,11 @@ from pathlib import Path
 
 from vl.world.dataset import WorldConfig, generate_world
 from vl.world.features import write_world_features
-from vl.tasks.retrieval import (
-    evaluate_retrieval,
-    finetune_retrieval,
-    format_report,
-    load_retrieval_finetune_config,
-)
-from vl.tasks.vqa import (
-    evaluate_vqa_files,
-    finetune_vqa,
-    format_vqa_metrics,
-    load_vqa_finetune_config,
-    predict_vqa,
-)
+from vl.tasks.retrieval.commands import evaluate_retrieval, finetune_retrieval
+from vl.tasks.retrieval.config import load_retrieval_finetune_config
+from vl.tasks.retrieval.index import format_report
+from vl.tasks.vqa.commands import evaluate_vqa_files, finetune_vqa, format_vqa_metrics, predict_vqa
+from vl.tasks.vqa.config import load_vqa_finetune_config
 from vl.train.pretrain_config import load_pretrain_config
 from vl.train.pretrain_vl import pretrain_vl
 from vl.precision import machine_info

@@ -4,7 +4,7 @@
 
 For each question type (``how many``, ``what color is the``, ``is the``...) it predicts the most frequent training
 answer of that type, never looking at the image or the rest of the question, and scores the test split with the
-official VQA accuracy (``vl.tasks.vqa_eval``). Without ``--world`` it first generates a world into a temporary
+official VQA accuracy (``vl.tasks.vqa.metric``). Without ``--world`` it first generates a world into a temporary
 directory. Prints one JSON line: overall and per-answer-type accuracy (percent), per question type, and counts.
 """
 
@@ -21,7 +21,7 @@ from pathlib import Path
 
 from vl.data.formats import read_vqa_annotations, read_vqa_questions
 from vl.world.dataset import WorldConfig, WorldPaths, generate_world, load_world
-from vl.tasks.vqa_eval import evaluate_vqa
+from vl.tasks.vqa.metric import evaluate_vqa
 from vl.precision import machine_info
 
 

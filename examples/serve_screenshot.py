@@ -20,7 +20,8 @@ from pathlib import Path
 
 from vl.world.dataset import WorldConfig, generate_world
 from vl.world.features import write_world_features
-from vl.tasks.retrieval import finetune_retrieval, load_retrieval_finetune_config
+from vl.tasks.retrieval.commands import finetune_retrieval
+from vl.tasks.retrieval.config import load_retrieval_finetune_config
 
 
 ROOT = Path(__file__).resolve().parents[1]

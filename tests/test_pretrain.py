@@ -136,7 +136,7 @@ def test_qa_pretraining_on_vqa_questions_beside_the_captions(world, features, to
     """LXMERT's fifth task through the real command: the questions join the captions, the answer vocabulary is
     saved in the run, and the qa loss falls."""
     from vl.cli import main
-    from vl.tasks.vqa import read_answers
+    from vl.tasks.vqa.answers import read_answers
 
     config = ROOT / "configs" / "pretrain-lxmert-tiny.yaml"
     out = tmp_path / "qa"
@@ -603,7 +603,7 @@ def test_short_run_learns_on_the_world(world, features, tokenizer_dir, tmp_path)
 def test_init_from_our_run_hf_visualbert_and_a_text_run(world, features, tokenizer_dir, tmp_path):
     from vl.checkpoints.hf_vl import export_hf_vl
     from vl.checkpoints.vl_run import load_vl_run, save_vl_run
-    from vl.encoders.bert import BertPretrainingModel
+    from vl.text.bert import BertPretrainingModel
     from vl.encoders.text import TextEncoderConfig
     from vl.fusion.pretraining import build_pretraining_model
 

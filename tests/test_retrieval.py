@@ -8,28 +8,37 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from vl.cli import main
 from vl.world.features import write_world_features
+from vl.fusion import FUSION_REGISTRY
 from vl.fusion.pretraining import build_pretraining_model, load_model_configs
-from vl.tasks.retrieval import (
-    PAIR_SCORES,
-    RetrievalConfig,
-    RetrievalIndex,
-    RetrievalModel,
-    all_pair_scores,
-    contrastive_loss,
-    evaluate_index,
-    load_retrieval_run,
-    load_split,
-    recall_at_k,
-    rerank,
-)
+from vl.tasks.retrieval.config import PAIR_SCORES, RetrievalConfig
+from vl.tasks.retrieval.data import load_split
+from vl.tasks.retrieval.index import RetrievalIndex, all_pair_scores, evaluate_index
+from vl.tasks.retrieval.metrics import recall_at_k, rerank
+from vl.tasks.retrieval.model import RETRIEVAL_RUN, RetrievalModel, contrastive_loss
+from vl.tasks.runs import load_task_run
 from vl.tasks.vl_finetune import open_store, region_batch, text_batch
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
-ARCHITECTURES = ("uniter", "visualbert", "lxmert", "vilbert")
+
+
+def tiny_architectures() -> dict[str, str]:
+    """Every architecture with a tiny model config, as ``{name: its registered fusion}``: the
+    ``configs/NAME-tiny.yaml`` whose ``model:`` section names one of ``FUSION_REGISTRY``'s fusions, so that a newly
+    registered architecture is tested as soon as it ships its tiny config."""
+    found = {}
+    for path in sorted(CONFIGS.glob("*-tiny.yaml")):
+        model = (yaml.safe_load(path.read_text()) or {}).get("model")
+        if isinstance(model, dict) and model.get("fusion") in FUSION_REGISTRY:
+            found[path.name.removesuffix("-tiny.yaml")] = model["fusion"]
+    return found
+
+
+ARCHITECTURES = sorted(tiny_architectures())
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -111,6 +120,10 @@ def test_contrastive_loss():
 # The model
 
 
+def test_every_registered_fusion_has_a_tiny_architecture():
+    assert set(tiny_architectures().values()) == set(FUSION_REGISTRY)
+
+
 def _inputs(feature_dim: int):
     generator = torch.Generator().manual_seed(0)
     captions = [[2, 7, 9, 11, 3], [2, 5, 3], [2, 8, 8, 3]]
@@ -178,11 +191,11 @@ def retrieval_run(world, tmp_path_factory):
 
 def test_two_stage_with_k_equal_n_matches_full_itm(world, retrieval_run):
     run, store = retrieval_run
-    model, config, tokenizer = load_retrieval_run(run)
+    model, config, tokenizer = load_task_run(run, RETRIEVAL_RUN)
     torch.manual_seed(0)
     torch.nn.init.normal_(model.heads.itm.weight, std=1.0)  # spread the barely trained scores well beyond rounding
     split = load_split(world.karpathy, "test", open_store(store))
-    index = RetrievalIndex(model, tokenizer, split, open_store(store), config.retrieval, batch_size=64,
+    index = RetrievalIndex(model, tokenizer, split, open_store(store), config.settings, batch_size=64,
                            progress=False)
     report, full = evaluate_index(index, k=len(split.texts), full=True, keep=10)
     _, two = evaluate_index(index, k=len(split.texts), full=False, keep=10)
@@ -202,12 +215,12 @@ def test_two_stage_with_k_equal_n_matches_full_itm(world, retrieval_run):
 
 def test_pair_scores_add_the_first_stage_as_configured(world, retrieval_run):
     run, store = retrieval_run
-    model, config, tokenizer = load_retrieval_run(run)
+    model, config, tokenizer = load_task_run(run, RETRIEVAL_RUN)
     split = load_split(world.karpathy, "test", open_store(store))
     texts, images = torch.arange(4), torch.tensor([0, 1, 0, 2])
     scores = {}
     for pair_score in PAIR_SCORES:
-        index = RetrievalIndex(model, tokenizer, split, open_store(store), config.retrieval, batch_size=64,
+        index = RetrievalIndex(model, tokenizer, split, open_store(store), config.settings, batch_size=64,
                                progress=False, pair_score=pair_score)
         scores[pair_score] = index.score_pairs(texts, images)
     cosine = (index.text_emb[texts] * index.image_emb[images]).sum(dim=1)

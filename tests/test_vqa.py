@@ -10,30 +10,38 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 
 from vl.cli import main
 from vl.data.formats import VqaAnnotation, VqaAnswer, read_vqa_questions
 from vl.world.features import write_world_features
 from vl.errors import UserError
-from vl.fusion import load_fusion_config
+from vl.fusion import FUSION_REGISTRY, load_fusion_config
 from vl.fusion.pretraining import build_pretraining_model, load_model_configs
 from vl.tasks.vl_finetune import load_init, prepare_init, region_batch, text_batch
-from vl.tasks.vqa import (
-    VqaCollator,
-    VqaExample,
-    VqaModel,
-    build_answer_vocab,
-    VqaConfig,
-    count_answers,
-    question_subset,
-    shuffled_images,
-    soft_targets,
-)
-from vl.tasks.vqa_eval import vqa_accuracy
+from vl.tasks.vqa.answers import build_answer_vocab, count_answers, soft_targets
+from vl.tasks.vqa.config import VqaConfig
+from vl.tasks.vqa.data import VqaCollator, VqaExample, question_subset, shuffled_images
+from vl.tasks.vqa.metric import vqa_accuracy
+from vl.tasks.vqa.model import VqaModel
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
-ARCHITECTURES = ("uniter", "visualbert", "lxmert", "vilbert")
+
+
+def tiny_architectures() -> dict[str, str]:
+    """Every architecture with a tiny model config, as ``{name: its registered fusion}``: the
+    ``configs/NAME-tiny.yaml`` whose ``model:`` section names one of ``FUSION_REGISTRY``'s fusions, so that a newly
+    registered architecture is tested as soon as it ships its tiny config."""
+    found = {}
+    for path in sorted(CONFIGS.glob("*-tiny.yaml")):
+        model = (yaml.safe_load(path.read_text()) or {}).get("model")
+        if isinstance(model, dict) and model.get("fusion") in FUSION_REGISTRY:
+            found[path.name.removesuffix("-tiny.yaml")] = model["fusion"]
+    return found
+
+
+ARCHITECTURES = sorted(tiny_architectures())
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -105,6 +113,10 @@ def test_answer_vocabulary_threshold_and_order():
 
 # ----------------------------------------------------------------------------------------------------------------
 # Model and loss
+
+
+def test_every_registered_fusion_has_a_tiny_architecture():
+    assert set(tiny_architectures().values()) == set(FUSION_REGISTRY)
 
 
 def _batch(model_cfg, num_answers: int, size: int = 3) -> dict[str, torch.Tensor]:

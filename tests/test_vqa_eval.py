@@ -10,7 +10,7 @@ import pytest
 
 from vl.data.formats import VqaAnnotation, VqaAnswer
 from vl.errors import UserError
-from vl.tasks.vqa_eval import (
+from vl.tasks.vqa.metric import (
     CONTRACTIONS,
     MANUAL_MAP,
     evaluate_vqa,

@@ -26,7 +26,8 @@ INIT_HELP = ("checkpoint to start from: a vl pretrain run, a VQA / retrieval run
 
 
 def _finetune_vqa(args: argparse.Namespace) -> int:
-    from vl.tasks.vqa import finetune_vqa, load_vqa_finetune_config
+    from vl.tasks.vqa.commands import finetune_vqa
+    from vl.tasks.vqa.config import load_vqa_finetune_config
 
     cfg = load_vqa_finetune_config(args.config, _overrides(args))
     result, metrics = finetune_vqa(cfg, args.init, args.train_questions, args.train_annotations, args.val_questions,
@@ -40,7 +41,7 @@ def _finetune_vqa(args: argparse.Namespace) -> int:
 
 
 def _predict_vqa(args: argparse.Namespace) -> int:
-    from vl.tasks.vqa import predict_vqa
+    from vl.tasks.vqa.commands import predict_vqa
 
     count = predict_vqa(args.run, args.questions, args.features, args.out, args.batch_size, args.shuffle_images)
     print(f"predict vqa: wrote {count} answers to {args.out}")
@@ -48,7 +49,7 @@ def _predict_vqa(args: argparse.Namespace) -> int:
 
 
 def _evaluate_vqa(args: argparse.Namespace) -> int:
-    from vl.tasks.vqa import evaluate_vqa_files, format_vqa_metrics
+    from vl.tasks.vqa.commands import evaluate_vqa_files, format_vqa_metrics
 
     metrics = evaluate_vqa_files(args.annotations, args.results)
     if args.out:
@@ -58,7 +59,9 @@ def _evaluate_vqa(args: argparse.Namespace) -> int:
 
 
 def _finetune_retrieval(args: argparse.Namespace) -> int:
-    from vl.tasks.retrieval import finetune_retrieval, format_report, load_retrieval_finetune_config
+    from vl.tasks.retrieval.commands import finetune_retrieval
+    from vl.tasks.retrieval.config import load_retrieval_finetune_config
+    from vl.tasks.retrieval.index import format_report
 
     cfg = load_retrieval_finetune_config(args.config, _overrides(args))
     result, report = finetune_retrieval(cfg, args.init, args.karpathy, args.features, args.out, args.tokenizer)
@@ -69,7 +72,8 @@ def _finetune_retrieval(args: argparse.Namespace) -> int:
 
 
 def _evaluate_retrieval(args: argparse.Namespace) -> int:
-    from vl.tasks.retrieval import evaluate_retrieval, format_report
+    from vl.tasks.retrieval.commands import evaluate_retrieval
+    from vl.tasks.retrieval.index import format_report
 
     report = evaluate_retrieval(args.run, args.karpathy, args.split, args.features, args.out, args.k, args.full,
                                 args.top, args.max_images, args.batch_size, args.score)

@@ -6,7 +6,7 @@ import argparse
 
 
 def _vqa(args: argparse.Namespace) -> int:
-    from vl.tasks.vqa import answer_image_question
+    from vl.tasks.vqa.one_image import answer_image_question
 
     overrides = {key: value for key, value in (("num_boxes", args.num_boxes), ("min_boxes", args.min_boxes),
                                                ("max_boxes", args.max_boxes),

@@ -2,7 +2,7 @@
 
 Every figure is computed here from the files the demo's commands wrote for the test split (which no stage trained
 on): detector mAP from ``vl-regions detect``'s COCO results (scored with pycocotools), VQA accuracy from
-``vl predict vqa``'s results JSON (scored with the official metric in ``vl.tasks.vqa_eval``), retrieval recall from
+``vl predict vqa``'s results JSON (scored with the official metric in ``vl.tasks.vqa.metric``), retrieval recall from
 ``vl evaluate retrieval``'s RANKINGS.json against the Karpathy split's ground truth.
 """
 
@@ -51,7 +51,7 @@ def vqa_scores(annotations: list[Any], results: Path, groups: dict[int, str] | N
     """Official VQA accuracy of a results file against read annotations (``read_vqa_annotations``), per question
     group too when ``groups`` is given."""
     from vl.data.formats import read_vqa_results
-    from vl.tasks.vqa_eval import evaluate_vqa
+    from vl.tasks.vqa.metric import evaluate_vqa
 
     return evaluate_vqa(annotations, read_vqa_results(results), groups)
 

@@ -1,7 +1,7 @@
 """The retrieval demo (``vl serve``): one static page and a small JSON API on the standard library's HTTP server.
 
 At start-up the service loads a retrieval run, reads the split's captions and regions into memory and computes every
-first-stage embedding once (``vl.tasks.retrieval.RetrievalIndex``). Then:
+first-stage embedding once (``vl.tasks.retrieval.index.RetrievalIndex``). Then:
 
 =====================================  =========================================================================
 ``GET /``                              the page (``index.html``)
@@ -92,7 +92,10 @@ class RetrievalService:
     def __init__(self, run_dir: str | os.PathLike, karpathy: str | os.PathLike, split: str,
                  features: str | os.PathLike, images_dir: str | os.PathLike, k: int | None = None,
                  max_images: int | None = None, progress: bool | None = None):
-        from vl.tasks.retrieval import RetrievalIndex, load_retrieval_run, load_split
+        from vl.tasks.retrieval.data import load_split
+        from vl.tasks.retrieval.index import RetrievalIndex
+        from vl.tasks.retrieval.model import RETRIEVAL_RUN
+        from vl.tasks.runs import load_task_run
         from vl.tasks.vl_finetune import check_store, open_store
 
         images_dir = Path(images_dir)
@@ -100,14 +103,14 @@ class RetrievalService:
             raise UserError(f"--images directory not found: {images_dir}")
         if k is not None and k < 1:
             raise UserError(f"--k must be >= 1, got {k}")
-        model, run, tokenizer = load_retrieval_run(run_dir)
+        model, run, tokenizer = load_task_run(run_dir, RETRIEVAL_RUN)
         store = open_store(features)
         check_store(store, run.model)
         started = time.perf_counter()
         self.split_name = split
         self.split = load_split(karpathy, split, store, max_images)
-        self.index = RetrievalIndex(model, tokenizer, self.split, store, run.retrieval, progress=progress)
-        self.k = k or run.retrieval.rerank_k
+        self.index = RetrievalIndex(model, tokenizer, self.split, store, run.settings, progress=progress)
+        self.k = k or run.settings.rerank_k
         self.load_seconds = time.perf_counter() - started
         self.position = {str(image_id): index for index, image_id in enumerate(self.split.image_ids)}
         self.image_files = self._image_files(karpathy, split, images_dir)
