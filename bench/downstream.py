@@ -30,11 +30,12 @@ from pathlib import Path
 from vl.world.dataset import WorldConfig, generate_world
 from vl.world.features import write_world_features
 from vl.tasks.retrieval.commands import evaluate_retrieval, finetune_retrieval
-from vl.tasks.retrieval.config import load_retrieval_finetune_config
+from vl.config import load_config
+from vl.tasks.retrieval.config import RetrievalFinetuneConfig
 from vl.tasks.retrieval.index import format_report
 from vl.tasks.vqa.commands import evaluate_vqa_files, finetune_vqa, format_vqa_metrics, predict_vqa
-from vl.tasks.vqa.config import load_vqa_finetune_config
-from vl.train.pretrain_config import load_pretrain_config
+from vl.tasks.vqa.config import VqaFinetuneConfig
+from vl.train.pretrain_config import VLPretrainConfig
 from vl.train.pretrain_vl import pretrain_vl
 from vl.precision import machine_info
 
@@ -46,7 +47,7 @@ def log(message: str) -> None:
 
 
 def run_vqa(world, store: Path, init: str, tokenizer: str, out: Path, steps: int, seed: int) -> dict:
-    cfg = load_vqa_finetune_config(ROOT / "configs" / "finetune-vqa-tiny.yaml",
+    cfg = load_config(VqaFinetuneConfig, ROOT / "configs" / "finetune-vqa-tiny.yaml",
                                    [f"train.steps={steps}", f"train.seed={seed}", "train.log_every=25"])
     start = time.perf_counter()
     finetune_vqa(cfg, init, world.vqa_questions("train"), world.vqa_annotations("train"), world.vqa_questions("val"),
@@ -93,7 +94,7 @@ def main() -> None:
         pretrain_seconds = 0.0
         if not args.pretrained:
             shutil.rmtree(pretrained, ignore_errors=True)
-            cfg = load_pretrain_config(ROOT / "configs" / "pretrain-uniter-tiny.yaml",
+            cfg = load_config(VLPretrainConfig, ROOT / "configs" / "pretrain-uniter-tiny.yaml",
                                        [f"train.steps={args.pretrain_steps}", "train.batch_size=32",
                                         "train.log_every=25", f"train.save_every={args.pretrain_steps}",
                                         f"train.seed={args.seed}", "data.shuffle_buffer=1000"])
@@ -109,7 +110,7 @@ def main() -> None:
         vqa_scratch = [run_vqa(world, store, "scratch", tokenizer, root / f"vqa-scratch-{seed}", args.vqa_steps, seed)
                        for seed in args.seeds]
 
-        cfg = load_retrieval_finetune_config(ROOT / "configs" / "finetune-retrieval-tiny.yaml",
+        cfg = load_config(RetrievalFinetuneConfig, ROOT / "configs" / "finetune-retrieval-tiny.yaml",
                                              [f"train.steps={args.retrieval_steps}", f"train.seed={args.seed}",
                                               "train.log_every=25", f"retrieval.rerank_k={args.k}"])
         log(f"fine-tuning retrieval for {args.retrieval_steps} steps")

@@ -59,7 +59,8 @@ from vl.fusion.pretraining import HeadsConfig, build_pretraining_model
 from vl.objectives import build_objective
 from vl.precision import bf16_native, cpu_name, machine_info
 from vl.train.loop import TrainConfig, build_optimizer, clipped_step
-from vl.train.pretrain_config import load_pretrain_config
+from vl.config import load_config
+from vl.train.pretrain_config import VLPretrainConfig
 from vl.train.pretrainer import VLPretrainer
 
 
@@ -136,7 +137,7 @@ def hf_inputs(arch: str, batch: dict[str, torch.Tensor]) -> dict:
 
 
 def build_ours(arch: str):
-    cfg = load_pretrain_config(ROOT / "configs" / f"pretrain-{arch}-base.yaml")
+    cfg = load_config(VLPretrainConfig, ROOT / "configs" / f"pretrain-{arch}-base.yaml")
     heads = HeadsConfig(mlm=True, itm=True, region_outputs={"obj": 1600, "feat": FEATURE_DIM}
                         if arch == "lxmert" else {})
     torch.manual_seed(0)
@@ -398,7 +399,7 @@ def bench_pipeline(images: int, batches: int) -> dict:
         corpus.write_text("a red blue large small circle square left of the above two green triangle star and with "
                           "next to cross\n" * 20)
         tokenizer = Tokenizer.train([corpus], 200, min_frequency=1)
-        cfg = load_pretrain_config(ROOT / "configs" / "pretrain-lxmert-base.yaml")
+        cfg = load_config(VLPretrainConfig, ROOT / "configs" / "pretrain-lxmert-base.yaml")
         data_cfg = dataclasses.replace(cfg.data, max_text_len=TOKENS, num_workers=0)
         plans = {"all": VLBatchPlan(mask_text=True, mask_regions=True, itm_negatives=True)}
         store = FeatureStore(store_dir)

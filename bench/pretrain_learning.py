@@ -31,7 +31,8 @@ from pathlib import Path
 from vl.world.dataset import WorldConfig, generate_world
 from vl.world.features import write_world_features
 from vl.train.plot import read_metrics
-from vl.train.pretrain_config import load_pretrain_config
+from vl.config import load_config
+from vl.train.pretrain_config import VLPretrainConfig
 from vl.train.pretrain_heldout import heldout_itm_accuracy
 from vl.train.pretrain_vl import pretrain_vl
 from vl.precision import machine_info
@@ -65,13 +66,13 @@ def run_config(name: str, world, store: Path, out: Path, steps: int, batch_size:
         # Stage 1 (staged pretraining): ITM alone, then every objective from that checkpoint (--init).
         first = out.parent / f"{out.name}-itm-first"
         shutil.rmtree(first, ignore_errors=True)
-        cfg = load_pretrain_config(CONFIGS[name], [*overrides, f"train.steps={itm_first}",
+        cfg = load_config(VLPretrainConfig, CONFIGS[name], [*overrides, f"train.steps={itm_first}",
                                                    f"train.save_every={itm_first}", "objectives={itm: {}}"])
         pretrain_vl(cfg, first, str(store), shards=world.shard_pattern("train"), plot=False)
         stage1 = {"steps": itm_first, "heldout_itm_acc": round(heldout_itm_accuracy(first, store,
                                                                                       world.shard_pattern("val")), 4)}
         init = str(first)
-    cfg = load_pretrain_config(CONFIGS[name], overrides)
+    cfg = load_config(VLPretrainConfig, CONFIGS[name], overrides)
     pretrain_vl(cfg, out, str(store), shards=world.shard_pattern("train"), init=init)
     seconds = time.perf_counter() - start
     trend = loss_trend(read_metrics(out / "metrics.jsonl"), list(cfg.objectives))

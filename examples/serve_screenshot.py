@@ -21,7 +21,8 @@ from pathlib import Path
 from vl.world.dataset import WorldConfig, generate_world
 from vl.world.features import write_world_features
 from vl.tasks.retrieval.commands import finetune_retrieval
-from vl.tasks.retrieval.config import load_retrieval_finetune_config
+from vl.config import load_config
+from vl.tasks.retrieval.config import RetrievalFinetuneConfig
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,7 +62,7 @@ def main() -> None:
         store = write_world_features(world, root / "features")
         run = Path(args.run) if args.run else root / "run"
         if not args.run:
-            cfg = load_retrieval_finetune_config(ROOT / "configs" / "finetune-retrieval-tiny.yaml",
+            cfg = load_config(RetrievalFinetuneConfig, ROOT / "configs" / "finetune-retrieval-tiny.yaml",
                                                  [f"train.steps={args.steps}", "retrieval.val_split="])
             finetune_retrieval(cfg, "scratch", world.karpathy, store, run)
         process, url = start_server(run, world, store)

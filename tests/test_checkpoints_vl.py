@@ -29,7 +29,7 @@ from vl.checkpoints.vl_run import load_vl_checkpoint, load_vl_run  # noqa: E402
 from vl.cli import main as vl_main  # noqa: E402
 from vl.errors import UserError  # noqa: E402
 from vl.fusion import load_fusion_config  # noqa: E402
-from vl.fusion.pretraining import build_pretraining_model, load_model_configs  # noqa: E402
+from vl.fusion.pretraining import HeadsConfig, build_pretraining_model  # noqa: E402
 
 from support import CONFIGS  # noqa: E402
 
@@ -370,7 +370,8 @@ def test_convert_cli_errors(tmp_path, capsys):
     assert "gpt2" in capsys.readouterr().err
     assert vl_main(["convert", "--from-hf", str(tmp_path / "odd")]) == 2
     assert "--out" in capsys.readouterr().err
-    model = build_pretraining_model(*load_model_configs(CONFIGS / "vilbert-tiny.yaml"))
+    model = build_pretraining_model(load_fusion_config(CONFIGS / "vilbert-tiny.yaml"),
+                                   HeadsConfig(region_outputs={"obj": 12, "feat": 16}))
     assert set(model.heads.cfg.region_outputs) == {"obj", "feat"}
     from vl.checkpoints.vl_run import save_vl_run
 

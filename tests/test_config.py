@@ -111,18 +111,19 @@ def test_atomic_output_files_get_ordinary_permissions_and_failures_leave_nothing
 
 
 def test_run_config_model_file_and_its_override(tmp_path):
-    from vl.config import read_run_config
+    @dataclasses.dataclass(frozen=True)
+    class Run:
+        model: dict = dataclasses.field(default_factory=dict)
+        train: dict = dataclasses.field(default_factory=dict)
 
     write(tmp_path, {"model": {"fusion": "single_stream", "text": {"hidden_size": 8}}}, "small.yaml")
     write(tmp_path, {"model": {"fusion": "dual_stream", "text": {"hidden_size": 16}}}, "other.yaml")
     run = write(tmp_path, {"model": "small.yaml", "train": {"steps": 3}}, "run.yaml")
-    data, source = read_run_config(run)
-    assert data["model"]["fusion"] == "single_stream" and "small.yaml" in source
+    assert load_config(Run, run).model["fusion"] == "single_stream"
     # --set model=FILE swaps the architecture, and later overrides still apply to it
-    data, source = read_run_config(run, ["model=other.yaml", "model.text.hidden_size=32", "train.steps=5"])
-    assert data["model"] == {"fusion": "dual_stream", "text": {"hidden_size": 32}}
-    assert data["train"]["steps"] == 5 and "other.yaml" in source
+    cfg = load_config(Run, run, ["model=other.yaml", "model.text.hidden_size=32", "train.steps=5"])
+    assert cfg.model == {"fusion": "dual_stream", "text": {"hidden_size": 32}} and cfg.train["steps"] == 5
     with pytest.raises(ConfigError, match="'missing.yaml' named by --set model= not found"):
-        read_run_config(run, ["model=missing.yaml"])
+        load_config(Run, run, ["model=missing.yaml"])
     with pytest.raises(ConfigError, match="needs a run config file"):
-        read_run_config(None, ["model=other.yaml"])
+        load_config(Run, None, ["model=other.yaml"])

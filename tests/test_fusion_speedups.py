@@ -8,12 +8,10 @@
 
 from __future__ import annotations
 
-import dataclasses
 
 import pytest
 import torch
 
-from vl.config import from_dict, read_yaml
 from vl.data.vl_masking import VLBatchPlan, VLMaskingConfig, prepare_vl_batch
 from vl.encoders.cpu_kernels import Dropout
 from vl.encoders.transformer import TransformerEncoder, row_positions
@@ -41,9 +39,7 @@ def make_pretrainer(config: str, names: tuple[str, ...], restrict_rows: bool, **
     overrides = ["model.text.dropout=0.0", "model.text.attn_dropout=0.0"]
     overrides += [f"model.cross.{key}={value}" for key, value in cross.items()]
     cfg = load_fusion_config(path, overrides)
-    heads = from_dict(HeadsConfig, read_yaml(path)["heads"], source=str(path), prefix="heads")
-    heads = dataclasses.replace(heads, region_outputs={"obj": NUM_CLASSES, "feat": FEATURE_DIM},
-                                num_answers=NUM_ANSWERS)
+    heads = HeadsConfig(region_outputs={"obj": NUM_CLASSES, "feat": FEATURE_DIM}, num_answers=NUM_ANSWERS)
     torch.manual_seed(0)
     model = VLPretrainingModel(build_fusion(cfg), heads)
     objectives = {name: build_objective(name, model, {"loss": "smooth_l1"} if name == "mrfr" else {})
@@ -173,12 +169,13 @@ def test_pretraining_with_train_compile_runs_on_cpu(world, tmp_path, precision):
     from vl.checkpoints.io import load_state_file
     from vl.world.features import write_world_features
     from vl.text.tokenizer import Tokenizer
-    from vl.train.pretrain_config import load_pretrain_config
+    from vl.config import load_config
+    from vl.train.pretrain_config import VLPretrainConfig
     from vl.train.pretrain_vl import pretrain_vl
 
     features = write_world_features(world, tmp_path / "store", splits=("train",))
     Tokenizer.train([world.corpus_split("train")], 300).save(tmp_path / "tokenizer")
-    cfg = load_pretrain_config(CONFIGS / "pretrain-lxmert-tiny.yaml", [
+    cfg = load_config(VLPretrainConfig, CONFIGS / "pretrain-lxmert-tiny.yaml", [
         "train.steps=3", "train.batch_size=8", "train.log_every=1", "data.num_workers=0", "data.shuffle_buffer=16",
         "train.compile=true", f"train.precision='{precision}'"])
     result = pretrain_vl(cfg, tmp_path / "run", str(features), shards=world.shard_pattern("train"),

@@ -34,7 +34,8 @@ from vl.text.tokenizer import Tokenizer
 from vl.train.checkpoint import latest_checkpoint, list_checkpoints
 from vl.train.loop import TrainConfig, TrainingStopped, seed_everything, train
 from vl.train.plot import read_metrics
-from vl.train.pretrain_config import load_pretrain_config
+from vl.config import load_config
+from vl.train.pretrain_config import VLPretrainConfig
 from vl.train.pretrain_vl import pretrain_vl
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,7 +62,7 @@ def tokenizer_dir(world, tmp_path_factory) -> Path:
 
 
 def run(world, features, tokenizer_dir, out, overrides, config=CONFIG, **kwargs):
-    cfg = load_pretrain_config(config, FAST + list(overrides))
+    cfg = load_config(VLPretrainConfig, config, FAST + list(overrides))
     kwargs.setdefault("shards", world.shard_pattern("train"))
     return pretrain_vl(cfg, out, str(features), tokenizer_dir=str(tokenizer_dir), plot=False, **kwargs)
 
@@ -147,7 +148,7 @@ def test_qa_pretraining_on_vqa_questions_beside_the_captions(world, features, to
             "data.num_workers=0", "objectives.qa.weight=1.0", "qa.min_answer_count=2"]
     assert main(["pretrain", *base, *qa, "--out", str(out), *[arg for pair in sets for arg in ("--set", pair)]]) == 0
     answers = read_answers(out / "answers.json")
-    saved = load_pretrain_config(out / "config.yaml")
+    saved = load_config(VLPretrainConfig, out / "config.yaml")
     assert saved.heads.num_answers == len(answers) > 2 and saved.questions == str(world.vqa_questions("train"))
     questions = json.loads(world.vqa_questions("train").read_text())["questions"]
     written = [record for path in sorted((out / "qa").glob("questions-*.json"))
@@ -281,7 +282,8 @@ DDP_SCRIPT = textwrap.dedent('''
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs
     from vl.train.loop import TrainConfig, train
-    from vl.train.pretrain_config import load_pretrain_config
+    from vl.config import load_config
+    from vl.train.pretrain_config import VLPretrainConfig
     from vl.train.pretrain_vl import build_model
     from vl.train.pretrainer import VLPretrainer
     from vl.objectives import build_objective
@@ -292,7 +294,7 @@ DDP_SCRIPT = textwrap.dedent('''
                                   kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
         rank, world = accelerator.process_index, accelerator.num_processes
         assert world == int(os.environ.get("WORLD_SIZE", "1")), "the ranks did not form a process group"
-        cfg = load_pretrain_config(config, ["model.text.dropout=0.0", "model.text.attn_dropout=0.0",
+        cfg = load_config(VLPretrainConfig, config, ["model.text.dropout=0.0", "model.text.attn_dropout=0.0",
                                             "model.text.vocab_size=300", "data.mix=sum",
                                             "objectives={mlm: {}, mrfr: {}, itm: {}}"])
         torch.manual_seed(0)
@@ -409,7 +411,7 @@ def test_accelerate_launch_two_ranks_equal_one_process_on_the_concatenated_batch
     assert done.returncode == 0, done.stderr[-3000:]
 
     # the reference: this process, with each step's batches of rank 0 and rank 1 concatenated
-    cfg = load_pretrain_config(CONFIG, sets)
+    cfg = load_config(VLPretrainConfig, CONFIG, sets)
     tokenizer = Tokenizer.from_dir(tokenizer_dir)
     seed_everything(cfg.train.seed)
     text = dataclasses.replace(cfg.model.text, vocab_size=max(tokenizer.vocab_size, 8), pad_token_id=tokenizer.pad_id)
@@ -621,7 +623,7 @@ def test_init_from_our_run_hf_visualbert_and_a_text_run(world, features, tokeniz
 
     # a Hugging Face VisualBERT directory (exported from a tiny model; its tokenizer comes from --tokenizer)
     visualbert_config = ROOT / "configs" / "pretrain-visualbert-tiny.yaml"
-    cfg = load_pretrain_config(visualbert_config, ["model.text.vocab_size=300"])
+    cfg = load_config(VLPretrainConfig, visualbert_config, ["model.text.vocab_size=300"])
     torch.manual_seed(3)
     hf_dir = export_hf_vl(build_pretraining_model(cfg.model, cfg.heads), tmp_path / "hf-visualbert")
     run(world, features, tokenizer_dir, tmp_path / "from-hf", tiny, config=visualbert_config, init=str(hf_dir))
@@ -648,7 +650,7 @@ def test_itm_hard_negatives_are_mined_inside_the_forward(world, features, tokeni
     from vl.train.pretrain_vl import build_model
     from vl.train.pretrainer import VLPretrainer
 
-    cfg = load_pretrain_config(CONFIG, ["model.text.vocab_size=300", "objectives={itm: {}}"])
+    cfg = load_config(VLPretrainConfig, CONFIG, ["model.text.vocab_size=300", "objectives={itm: {}}"])
     model, _, _ = build_model(cfg, None)
     objectives = {"itm": build_objective("itm", model, {"hard_negatives": 2})}
     module = VLPretrainer(model, objectives, {"itm": ("itm",)})

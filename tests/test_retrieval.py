@@ -4,16 +4,15 @@ on their own modality only, the training losses, RANKINGS.json, and the commands
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from vl.cli import main
 from vl.world.features import write_world_features
 from vl.fusion import FUSION_REGISTRY
-from vl.fusion.pretraining import build_pretraining_model, load_model_configs
+from vl.fusion import load_fusion_config
+from vl.fusion.pretraining import build_pretraining_model
 from vl.tasks.retrieval.config import PAIR_SCORES, RetrievalConfig
 from vl.tasks.retrieval.data import load_split
 from vl.tasks.retrieval.index import RetrievalIndex, all_pair_scores, evaluate_index
@@ -22,23 +21,10 @@ from vl.tasks.retrieval.model import RETRIEVAL_RUN, RetrievalModel, contrastive_
 from vl.tasks.runs import load_task_run
 from vl.tasks.vl_finetune import open_store, region_batch, text_batch
 
-ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = ROOT / "configs"
+from support import ARCHITECTURES, CONFIGS, tiny_architectures
 
 
-def tiny_architectures() -> dict[str, str]:
-    """Every architecture with a tiny model config, as ``{name: its registered fusion}``: the
-    ``configs/NAME-tiny.yaml`` whose ``model:`` section names one of ``FUSION_REGISTRY``'s fusions, so that a newly
-    registered architecture is tested as soon as it ships its tiny config."""
-    found = {}
-    for path in sorted(CONFIGS.glob("*-tiny.yaml")):
-        model = (yaml.safe_load(path.read_text()) or {}).get("model")
-        if isinstance(model, dict) and model.get("fusion") in FUSION_REGISTRY:
-            found[path.name.removesuffix("-tiny.yaml")] = model["fusion"]
-    return found
 
-
-ARCHITECTURES = sorted(tiny_architectures())
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -137,7 +123,7 @@ def _inputs(feature_dim: int):
 
 @pytest.mark.parametrize("name", ARCHITECTURES)
 def test_single_modality_encodings_depend_on_their_modality_only(name):
-    cfg, _ = load_model_configs(CONFIGS / f"{name}-tiny.yaml")
+    cfg = load_fusion_config(CONFIGS / f"{name}-tiny.yaml")
     torch.manual_seed(0)
     model = RetrievalModel(build_pretraining_model(cfg).fusion, RetrievalConfig(embed_dim=16)).eval()
     captions, regions = _inputs(cfg.region.feature_dim)
@@ -157,7 +143,7 @@ def test_single_modality_encodings_depend_on_their_modality_only(name):
 @pytest.mark.parametrize("source", ["itm", "contrastive", "sampled"])
 @pytest.mark.parametrize("name", ["uniter", "lxmert"])
 def test_training_losses_are_finite_and_reach_every_part(name, source):
-    cfg, _ = load_model_configs(CONFIGS / f"{name}-tiny.yaml")
+    cfg = load_fusion_config(CONFIGS / f"{name}-tiny.yaml")
     torch.manual_seed(0)
     model = RetrievalModel(build_pretraining_model(cfg).fusion,
                            RetrievalConfig(embed_dim=16, hard_negatives=2, hard_negative_source=source))

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,7 +16,7 @@ from vl.data.formats import VqaAnnotation, VqaAnswer, read_vqa_questions
 from vl.world.features import write_world_features
 from vl.errors import UserError
 from vl.fusion import FUSION_REGISTRY, load_fusion_config
-from vl.fusion.pretraining import build_pretraining_model, load_model_configs
+from vl.fusion.pretraining import HeadsConfig, build_pretraining_model
 from vl.tasks.vl_finetune import load_init, prepare_init, region_batch, text_batch
 from vl.tasks.vqa.answers import build_answer_vocab, count_answers, soft_targets
 from vl.tasks.vqa.config import VqaConfig
@@ -25,23 +24,10 @@ from vl.tasks.vqa.data import VqaCollator, VqaExample, question_subset, shuffled
 from vl.tasks.vqa.metric import vqa_accuracy
 from vl.tasks.vqa.model import VqaModel
 
-ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = ROOT / "configs"
+from support import ARCHITECTURES, CONFIGS, tiny_architectures
 
 
-def tiny_architectures() -> dict[str, str]:
-    """Every architecture with a tiny model config, as ``{name: its registered fusion}``: the
-    ``configs/NAME-tiny.yaml`` whose ``model:`` section names one of ``FUSION_REGISTRY``'s fusions, so that a newly
-    registered architecture is tested as soon as it ships its tiny config."""
-    found = {}
-    for path in sorted(CONFIGS.glob("*-tiny.yaml")):
-        model = (yaml.safe_load(path.read_text()) or {}).get("model")
-        if isinstance(model, dict) and model.get("fusion") in FUSION_REGISTRY:
-            found[path.name.removesuffix("-tiny.yaml")] = model["fusion"]
-    return found
 
-
-ARCHITECTURES = sorted(tiny_architectures())
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -136,7 +122,7 @@ def _batch(model_cfg, num_answers: int, size: int = 3) -> dict[str, torch.Tensor
 
 @pytest.mark.parametrize("name", ARCHITECTURES)
 def test_vqa_model_loss_is_bce_times_vocabulary_size(name):
-    cfg, _ = load_model_configs(CONFIGS / f"{name}-tiny.yaml")
+    cfg = load_fusion_config(CONFIGS / f"{name}-tiny.yaml")
     torch.manual_seed(0)
     model = VqaModel(build_pretraining_model(cfg).fusion, num_answers=5).eval()
     batch = _batch(cfg, 5)
@@ -174,7 +160,8 @@ def test_init_from_a_vl_run_keeps_its_weights_and_tokenizer(tmp_path):
     from vl.checkpoints.vl_run import save_vl_run
     from vl.text.tokenizer import Tokenizer
 
-    cfg, heads = load_model_configs(CONFIGS / "lxmert-tiny.yaml")
+    cfg = load_fusion_config(CONFIGS / "lxmert-tiny.yaml")
+    heads = HeadsConfig(region_outputs={"obj": 12, "attr": 8, "feat": 16}, num_answers=10)
     torch.manual_seed(3)
     model = build_pretraining_model(cfg, heads)
     save_vl_run(model, tmp_path / "pre")
@@ -290,7 +277,6 @@ def test_predict_with_shuffled_images(world, vqa_run, tmp_path):
 
 def test_vqa_one_image_end_to_end(world, vqa_run, tmp_path, capsys):
     """``vl vqa`` with an (untrained) tiny detector run whose region features have the model's width."""
-    import yaml
 
     from region_features.detector import DetectorConfig, RegionDetector
     from region_features.pipeline import DetectorLabels, save_weights
@@ -439,6 +425,5 @@ def test_scalar_mix_is_refused_for_vilbert_in_one_line(world, tmp_path, capsys):
 
 
 def yaml_mode(run) -> str:
-    import yaml
 
     return yaml.safe_load((run / "config.yaml").read_text())["finetune"]["mode"]

@@ -16,9 +16,9 @@ from PIL import Image
 
 from vl.cli import build_parser, run
 from vl.cli import world as world_cli
+from region_features.ids import image_id_from_filename
 from vl.data.formats import (
     check_questions_match,
-    image_id_from_filename,
     image_ids_for_dir,
     read_coco_captions,
     read_coco_instances,

@@ -182,21 +182,16 @@ def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
     return data
 
 
-def read_run_config(
-    path: str | os.PathLike | None,
-    overrides: list[str] | tuple[str, ...] = (),
-    defaults: dict[str, Any] | None = None,
-    heads_from_model: bool = False,
-) -> tuple[dict[str, Any], str]:
-    """A run config file as a mapping, with ``--set`` overrides applied, and a description of its source.
+def _read_run_file(path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...]
+                   ) -> tuple[dict[str, Any], str]:
+    """A config file as a mapping with ``--set`` overrides applied, and a description of its source.
 
     ``model:`` may name a model config file (``uniter-tiny.yaml``: relative to the config's directory, else to the
-    working directory); its ``model:`` section is read in, and with ``heads_from_model`` its ``heads:`` too when the
-    run config has none. Overrides apply after that (``model.text.num_layers=2`` works). A ``model=FILE`` override
-    replaces the file named by ``model:`` (``--set model=lxmert-tiny.yaml``: another architecture, same recipe).
-    Without ``path`` the mapping starts from ``defaults``.
+    working directory); its ``model:`` section is read in. Overrides apply after that (``model.text.num_layers=2``
+    works). A ``model=FILE`` override replaces the file named by ``model:`` (``--set model=lxmert-tiny.yaml``:
+    another architecture, same recipe).
     """
-    data: dict[str, Any] = dict(defaults or {})
+    data: dict[str, Any] = {}
     source = "defaults"
     model_files = [item.partition("=")[2] for item in overrides if item.startswith("model=")]
     overrides = [item for item in overrides if not item.startswith("model=")]
@@ -216,8 +211,6 @@ def read_run_config(
                                   f"{Path.cwd()})")
             model_data = read_yaml(model_path)
             data["model"] = model_data.get("model", model_data)
-            if heads_from_model and "heads" not in data and isinstance(model_data.get("heads"), dict):
-                data["heads"] = model_data["heads"]
             source = f"{path} (model from {model_path})"
     elif model_files:
         raise ConfigError(f"--set model={model_files[-1]}: a model file needs a run config file (--config)")
@@ -228,12 +221,11 @@ def read_run_config(
 
 
 def load_config(cls: type[T], path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> T:
-    """Load ``cls`` from a YAML file (or its defaults when ``path`` is None) and apply ``--set`` overrides."""
-    data = read_yaml(path) if path is not None else {}
-    source = str(path) if path is not None else "defaults"
-    if overrides:
-        data = apply_overrides(data, overrides)
-        source = f"{source} (with --set {' '.join(overrides)})"
+    """Load ``cls`` from a YAML file (or its defaults when ``path`` is None) and apply ``--set`` overrides.
+
+    The one loader of run configs: a ``model:`` that names a file is read in (see ``_read_run_file``).
+    """
+    data, source = _read_run_file(path, tuple(overrides))
     return from_dict(cls, data, source=source)
 
 

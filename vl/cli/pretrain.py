@@ -10,10 +10,11 @@ from vl.errors import UserError
 
 
 def _pretrain(args: argparse.Namespace) -> int:
-    from vl.train.pretrain_config import load_pretrain_config
+    from vl.config import load_config
+    from vl.train.pretrain_config import VLPretrainConfig
     from vl.train.pretrain_vl import pretrain_vl
 
-    cfg = load_pretrain_config(args.config, args.set or [])
+    cfg = load_config(VLPretrainConfig, args.config, args.set or [])
     shards, captions = args.shards, args.captions
     if shards is not None and captions is None and shards.lower().endswith(".json"):
         shards, captions = None, shards  # a COCO captions file given as --shards

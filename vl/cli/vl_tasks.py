@@ -27,9 +27,10 @@ INIT_HELP = ("checkpoint to start from: a vl pretrain run, a VQA / retrieval run
 
 def _finetune_vqa(args: argparse.Namespace) -> int:
     from vl.tasks.vqa.commands import finetune_vqa
-    from vl.tasks.vqa.config import load_vqa_finetune_config
+    from vl.config import load_config
+    from vl.tasks.vqa.config import VqaFinetuneConfig
 
-    cfg = load_vqa_finetune_config(args.config, _overrides(args))
+    cfg = load_config(VqaFinetuneConfig, args.config, _overrides(args))
     result, metrics = finetune_vqa(cfg, args.init, args.train_questions, args.train_annotations, args.val_questions,
                                    args.val_annotations, args.features, args.out, args.tokenizer)
     shown = ""
@@ -60,10 +61,11 @@ def _evaluate_vqa(args: argparse.Namespace) -> int:
 
 def _finetune_retrieval(args: argparse.Namespace) -> int:
     from vl.tasks.retrieval.commands import finetune_retrieval
-    from vl.tasks.retrieval.config import load_retrieval_finetune_config
+    from vl.config import load_config
+    from vl.tasks.retrieval.config import RetrievalFinetuneConfig
     from vl.tasks.retrieval.index import format_report
 
-    cfg = load_retrieval_finetune_config(args.config, _overrides(args))
+    cfg = load_config(RetrievalFinetuneConfig, args.config, _overrides(args))
     result, report = finetune_retrieval(cfg, args.init, args.karpathy, args.features, args.out, args.tokenizer)
     print(f"finetune retrieval: {Path(args.out)} at step {result.step}")
     if report:

@@ -16,17 +16,15 @@ A run directory holds ``config.yaml`` with a ``model:`` section (``FusionConfig`
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from vl.config import ConfigError, apply_overrides, from_dict, read_yaml
 from vl.encoders.heads import AnswerHead, MLMHead, RegionHead
 from vl.encoders.transformer import init_bert_weights
-from vl.fusion.base import FusionConfig, OutputRows, VLOutput, fusion_config_from_dict
+from vl.fusion.base import FusionConfig, OutputRows, VLOutput
 
 
 @dataclass(frozen=True)
@@ -133,22 +131,3 @@ def build_pretraining_model(cfg: FusionConfig, heads_cfg: HeadsConfig | None = N
     from vl.fusion import build_fusion
 
     return VLPretrainingModel(build_fusion(cfg), heads_cfg)
-
-
-def load_model_configs(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()
-                       ) -> tuple[FusionConfig, HeadsConfig]:
-    """(FusionConfig, HeadsConfig) from a model config file with ``model:`` and (optional) ``heads:`` sections.
-
-    Overrides address the file's layout: ``model.text.num_layers=4``, ``heads.num_answers=3129``. Without a
-    ``heads:`` section the heads are ``HeadsConfig()``'s defaults (MLM and ITM).
-    """
-    data = read_yaml(path)
-    source = str(path)
-    if overrides:
-        data = apply_overrides(data, overrides)
-        source = f"{source} (with --set {' '.join(overrides)})"
-    if not isinstance(data.get("model"), dict):
-        raise ConfigError(f"{source} has no 'model:' section")
-    heads = data.get("heads")
-    heads_cfg = from_dict(HeadsConfig, heads, source=source, prefix="heads") if heads is not None else HeadsConfig()
-    return fusion_config_from_dict(data, source), heads_cfg

@@ -40,7 +40,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from vl.config import read_run_config, read_yaml
+from vl.config import read_yaml
 from vl.data.tags import RegionTagger
 from vl.errors import UserError
 from vl.fusion.base import FusionConfig, fusion_config_from_dict
@@ -131,11 +131,6 @@ def note(message: str) -> None:
 # --------------------------------------------------------------------------------------------------------------
 # Config files
 
-
-def read_task_config(path: str | os.PathLike | None, overrides: Sequence[str] = (),
-                     defaults: dict[str, Any] | None = None) -> tuple[dict[str, Any], str]:
-    """A fine-tuning config file as a mapping with ``--set`` overrides applied (``vl.config.read_run_config``)."""
-    return read_run_config(path, tuple(overrides), defaults)
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -36,7 +36,7 @@ from vl.progress import progress_bar
 from vl.checkpoints.io import load_into, load_state_file
 from vl.checkpoints.text_init import TextCheckpoint, init_from_checkpoint, load_text_checkpoint, weights_sha256
 from vl.config import ConfigError, atomic_write_text, load_config
-from vl.data.text_pretrain import TextBatchStream
+from vl.data.epochs import EpochBatchStream
 from vl.encoders.adapters import ScalarMix, add_adapters, freeze_all_but_adapters
 from vl.encoders.text import TextEncoder, TextEncoderConfig
 from vl.errors import UserError
@@ -265,7 +265,7 @@ def finetune_text(task: TextTask, cfg: TextFinetuneConfig, init: str | os.PathLi
     model = build_task_model(task, checkpoint.cfg, len(labels), fcfg, checkpoint)
     trainable = model.trainable_names()
     save_filter = (lambda key: key in trainable) if fcfg.mode == "adapters" else None
-    stream = TextBatchStream(lambda epoch: train_features, train_cfg.batch_size,
+    stream = EpochBatchStream(lambda epoch: train_features, train_cfg.batch_size,
                              lambda features, generator: task.collate(features), seed=train_cfg.seed)
 
     def evaluate(eval_model: nn.Module, step: int) -> dict[str, float]:

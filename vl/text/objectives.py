@@ -250,7 +250,7 @@ class TextPretrainingModel(nn.Module):
         return {key: value for key, value in self.state_dict().items() if key.startswith(self.BERT_PREFIXES)}
 
     def forward(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Losses and metrics of the configured objectives on one batch (keys: ``vl.data.text_pretrain``)."""
+        """Losses and metrics of the configured objectives on one batch (keys: ``vl.text.batches``)."""
         attention_mask = batch["attention_mask"]
         token_type_ids = batch.get("token_type_ids")
         losses: dict[str, torch.Tensor] = {}

@@ -24,7 +24,8 @@ from vl.text.corpus import expand_text_inputs, pack_documents, read_documents, t
 from vl.text.masking import MaskingConfig, PhraseMatcher, TextMasker
 from vl.text.pairs import build_sentence_pairs
 from vl.data.seeds import stable_seed
-from vl.data.text_pretrain import TextBatchStream, TextPretrainCollator, pair_example, single_example
+from vl.data.epochs import EpochBatchStream
+from vl.text.batches import TextPretrainCollator, pair_example, single_example
 from vl.encoders.text import TextEncoderConfig
 from vl.errors import UserError
 from vl.text.objectives import ElectraConfig, TextPretrainingModel, objective_loss_weights, plan_objectives
@@ -85,7 +86,7 @@ def resolve_tokenizer(out: Path, documents: list[list[str]], data: TextDataConfi
 
 
 def build_text_stream(cfg: TextPretrainConfig, documents, tokenizer: Tokenizer, rank: int = 0,
-                      world_size: int = 1) -> TextBatchStream:
+                      world_size: int = 1) -> EpochBatchStream:
     """The batch stream for ``cfg.objectives`` over tokenized ``documents`` (lists of sentences of ids)."""
     plan = plan_objectives(cfg.objectives)
     max_len = cfg.data.max_len
@@ -111,7 +112,7 @@ def build_text_stream(cfg: TextPretrainConfig, documents, tokenizer: Tokenizer, 
             return packed
     if not examples_for_epoch(0):
         raise UserError("the --text corpus gives no training sequences (too little text?)")
-    return TextBatchStream(examples_for_epoch, cfg.train.batch_size, collate, cfg.train.seed, rank, world_size)
+    return EpochBatchStream(examples_for_epoch, cfg.train.batch_size, collate, cfg.train.seed, rank, world_size)
 
 
 def pretrain_text(cfg: TextPretrainConfig, text: list[str], out: str | os.PathLike,

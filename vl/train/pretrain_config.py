@@ -5,12 +5,9 @@ See ``vl.train.pretrain_vl`` for what each section means and what a run director
 
 from __future__ import annotations
 
-import os
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from vl.config import from_dict, read_run_config
 from vl.data.vl_batches import PretrainDataConfig
 from vl.fusion.base import FusionConfig
 from vl.fusion.pretraining import HeadsConfig
@@ -79,13 +76,3 @@ class VLPretrainConfig:
                 raise ValueError(f"objective '{name}' cannot be pretrained (known: {', '.join(PRETRAIN_OBJECTIVES)})")
         if self.data.mix == "sample" and not any(spec.mix > 0 for spec in self.objectives.values()):
             raise ValueError("data.mix 'sample' needs an objective with mix > 0")
-
-
-def load_pretrain_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> VLPretrainConfig:
-    """Load a run config; ``model:`` may name a model config file, whose ``heads:`` are used when the run has none.
-
-    ``--set`` overrides address the run config's layout (``train.steps=10``, ``model.text.num_layers=2``); they
-    are applied after a referenced model file is read.
-    """
-    data, source = read_run_config(path, tuple(overrides), heads_from_model=True)
-    return from_dict(VLPretrainConfig, data, source=source)

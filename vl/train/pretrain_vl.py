@@ -3,8 +3,8 @@
 A run config (``configs/pretrain-*.yaml``) has the sections
 
 - ``model``: a ``FusionConfig`` mapping, or the path of a model config file (``configs/uniter-tiny.yaml``; relative
-  to the run config's directory, else to the working directory); ``heads``: a ``HeadsConfig`` (taken from that
-  file when the run config has none);
+  to the run config's directory, else to the working directory), which holds the architecture only; ``heads``: a
+  ``HeadsConfig``, the heads this recipe trains;
 - ``data``: ``vl.data.vl_batches.PretrainDataConfig`` (workers, shuffling, lengths, masking, task mixing);
 - ``objectives``: name -> ``{weight, mix, options}``: the loss weight, the task's mix ratio (``data.mix: sample``)
   and the objective's constructor options (``vl.objectives.build_objective``);

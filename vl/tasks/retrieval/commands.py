@@ -61,11 +61,11 @@ def finetune_retrieval(cfg: RetrievalFinetuneConfig, init: str, karpathy: str | 
                   extra={"karpathy": str(Path(karpathy).resolve())}, finetune=cfg.finetune)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer.save(out)
-    from vl.data.text_pretrain import TextBatchStream
+    from vl.data.epochs import EpochBatchStream
 
     collate = RetrievalCollator(train_split, token_ids, store, fusion.cfg.region.feature_dim, rcfg.max_regions,
                                 tokenizer.pad_id, region_tagger(store, tokenizer, fusion.cfg))
-    stream = TextBatchStream(RetrievalTrainData(train_split, token_ids, train_cfg.seed), train_cfg.batch_size,
+    stream = EpochBatchStream(RetrievalTrainData(train_split, token_ids, train_cfg.seed), train_cfg.batch_size,
                              collate, seed=train_cfg.seed)
 
     def validate(eval_model: RetrievalModel) -> dict[str, Any]:

@@ -3,15 +3,12 @@ hard negatives, re-ranking, splits) and the config file (``RetrievalFinetuneConf
 
 from __future__ import annotations
 
-import os
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-from vl.config import from_dict
 from vl.data.formats import KARPATHY_SPLITS
 from vl.fusion.base import FusionConfig
-from vl.tasks.vl_finetune import VLFinetuneMode, read_task_config
+from vl.tasks.vl_finetune import VLFinetuneMode
 from vl.train.loop import TrainConfig
 
 TASK_NAME = "retrieval"
@@ -79,9 +76,3 @@ class RetrievalFinetuneConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     tokenizer: str | None = None
     finetune: VLFinetuneMode = field(default_factory=VLFinetuneMode)
-
-
-def load_retrieval_finetune_config(path: str | os.PathLike | None,
-                                   overrides: Sequence[str] = ()) -> RetrievalFinetuneConfig:
-    data, source = read_task_config(path, overrides)
-    return from_dict(RetrievalFinetuneConfig, data, source=source)

@@ -103,9 +103,9 @@ def finetune_vqa(cfg: VqaFinetuneConfig, init: str, train_questions: str | os.Pa
     write_answers(answers, out / ANSWERS_FILE)
     collate = VqaCollator(store, fusion.cfg.region.feature_dim, vcfg.max_regions, len(answers), tokenizer.pad_id,
                           region_tagger(store, tokenizer, fusion.cfg))
-    from vl.data.text_pretrain import TextBatchStream
+    from vl.data.epochs import EpochBatchStream
 
-    stream = TextBatchStream(lambda epoch: train_examples, train_cfg.batch_size, collate, seed=train_cfg.seed)
+    stream = EpochBatchStream(lambda epoch: train_examples, train_cfg.batch_size, collate, seed=train_cfg.seed)
 
     def evaluate(eval_model: nn.Module, step: int) -> dict[str, float]:
         metrics = evaluate_examples(eval_model, val_examples, val_gold, collate, answers, vcfg.eval_batch_size)

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import os
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-from vl.config import from_dict
 from vl.fusion.base import FusionConfig
-from vl.tasks.vl_finetune import VLFinetuneMode, read_task_config
+from vl.tasks.vl_finetune import VLFinetuneMode
 from vl.train.loop import TrainConfig
 
 TASK_NAME = "vqa"
@@ -59,8 +56,3 @@ class VqaFinetuneConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     tokenizer: str | None = None  # a tokenizer directory; default: --init's (scratch: trained on the questions)
     finetune: VLFinetuneMode = field(default_factory=VLFinetuneMode)
-
-
-def load_vqa_finetune_config(path: str | os.PathLike | None, overrides: Sequence[str] = ()) -> VqaFinetuneConfig:
-    data, source = read_task_config(path, overrides)
-    return from_dict(VqaFinetuneConfig, data, source=source)
