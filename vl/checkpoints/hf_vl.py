@@ -309,6 +309,9 @@ def hf_architecture(cfg: FusionConfig, heads: HeadsConfig) -> str:
         raise UserError("cannot export a pre-LN model: LXMERT and VisualBERT are post-LN")
     if cfg.tags is not None:
         raise UserError("cannot export a model with object tags (model.tags): LXMERT and VisualBERT read none")
+    if cfg.region.box_relations:
+        raise UserError("cannot export a model with region.box_relations: LXMERT and VisualBERT have no "
+                        "attention bias from box pairs")
     if cfg.text.activation not in OUR_TO_HF_ACTIVATION:
         raise UserError(f"cannot export activation '{cfg.text.activation}' as a Hugging Face hidden_act")
     region = cfg.region

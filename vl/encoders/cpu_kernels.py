@@ -42,12 +42,15 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torc
     """softmax(q k^T / sqrt(hd)) v with dropout on the probabilities: what ``F.scaled_dot_product_attention``
     computes, written out for training.
 
-    q (B, nh, T, hd), k and v (B, nh, S, hd), attn_mask bool (B|1, 1|nh, T|1, S) (True = attend) -> (B, nh, T, hd).
+    q (B, nh, T, hd), k and v (B, nh, S, hd), attn_mask (B|1, 1|nh, T|1, S), bool (True = attend) or additive float
+    -> (B, nh, T, hd).
     On CPU SDPA falls back to this computation whenever there is dropout, with a slower mask, and its fused kernel
     has a slow bf16 backward; the softmax runs in float32 here.
     """
     scores = torch.matmul(q, k.transpose(-1, -2)).mul_(q.shape[-1] ** -0.5)  # (B, nh, T, S)
-    if attn_mask is not None:
+    if attn_mask is not None and attn_mask.dtype == torch.bool:
         scores = scores.masked_fill(~attn_mask, float("-inf"))
+    elif attn_mask is not None:  # additive: 0 or a bias where attended, -inf where not
+        scores = scores + attn_mask
     probs = dropout(scores.softmax(dim=-1, dtype=torch.float32), dropout_p)  # (B, nh, T, S)
     return torch.matmul(probs.to(v.dtype), v)

@@ -106,7 +106,7 @@ def scatter_rows(rows: torch.Tensor, positions: torch.Tensor, length: int) -> to
 
 
 def gather_mask_rows(attn_mask: torch.Tensor | None, positions: torch.Tensor) -> torch.Tensor | None:
-    """The query rows ``positions`` (B, M) of a bool (B, 1, T|1, S) attention mask -> (B, 1, M|1, S)."""
+    """The query rows ``positions`` (B, M) of a (B, 1|nh, T|1, S) attention mask -> (B, 1|nh, M|1, S)."""
     if attn_mask is None or attn_mask.shape[-2] == 1:
         return attn_mask
     index = positions[:, None, :, None].expand(attn_mask.shape[0], attn_mask.shape[1], -1, attn_mask.shape[-1])
@@ -206,6 +206,8 @@ class Attention(nn.Module):
         if training and q.device.type == "cpu":
             y = attention(q, k, v, attn_mask, dropout_p)  # (B, nh, T, hd)
         else:  # inference, and GPUs: SDPA's fused kernels
+            if attn_mask is not None and attn_mask.dtype != torch.bool:
+                attn_mask = attn_mask.to(q.dtype)  # SDPA takes an additive mask of the queries' dtype
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)  # (B, nh, T, hd)
         return y.transpose(1, 2).reshape(q.shape[0], q.shape[2], self.num_heads * self.head_dim)  # (B, T, nh*hd)
 

@@ -64,6 +64,8 @@ class RegionConfig:
     # ViLBERT: a whole-image region first (the mean of the real regions' features, the whole image's box), which
     # the region pooler reads; outside masking and the region objectives (dual-stream only)
     image_token: bool = False
+    # attention between visual tokens biased by their relative boxes (vl.encoders.relations); off as published
+    box_relations: bool = False
 
     @property
     def geometry_dim(self) -> int:
@@ -76,6 +78,8 @@ class RegionConfig:
             raise ValueError(f"region.geometry '{self.geometry}' is not one of {list(GEOMETRY_DIMS)}")
         if self.type_id < 0:
             raise ValueError(f"region.type_id must be >= 0, got {self.type_id}")
+        if self.box_relations and self.geometry == "none":
+            raise ValueError("region.box_relations needs a box geometry; region.geometry is 'none'")
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from vl.encoders.regions import box_geometry, build_region_embeddings, embed_regions, init_visual_tables
+from vl.encoders.relations import BoxRelationBias, biased_attention_mask
 from vl.encoders.tags import build_object_tags
 from vl.encoders.text import Pooler, build_text_embeddings
 from vl.encoders.transformer import (
@@ -61,17 +62,21 @@ class LxmertCrossLayer(nn.Module):
 
     def forward(self, text: torch.Tensor, text_mask: torch.Tensor | None, regions: torch.Tensor,
                 region_mask: torch.Tensor | None, text_positions: torch.Tensor | None = None,
-                region_positions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                region_positions: torch.Tensor | None = None, region_self_mask: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
         """text (B, T, D), regions (B, R, D); masks bool (B, 1, 1, T|R) or None -> updated (text, regions).
 
         ``text_positions`` (B, M) / ``region_positions`` (B, N): return only those rows of a stream, (B, M, D) /
         (B, N, D). The cross-attention still runs at every position: the self-attention's keys need them all.
+        ``region_self_mask`` (B, nh, R, R) additive: the regions' self-attention mask when it is not ``region_mask``
+        (box relations).
         """
         text_cross, regions_cross = self.cross_attention.both_ways(text, text_mask, regions, region_mask)
         text_attended = self.cross_residual(text, lambda _: text_cross)  # (B, T, D)
         regions_attended = self.cross_residual(regions, lambda _: regions_cross)  # (B, R, D)
         return (self.text_layer(text_attended, text_mask, positions=text_positions),
-                self.vision_layer(regions_attended, region_mask, positions=region_positions))
+                self.vision_layer(regions_attended, region_mask if region_self_mask is None else region_self_mask,
+                                  positions=region_positions))
 
 
 class CoAttentionBlock(nn.Module):
@@ -99,8 +104,10 @@ class CoAttentionBlock(nn.Module):
 
     def forward(self, text: torch.Tensor, text_mask: torch.Tensor | None, regions: torch.Tensor,
                 region_mask: torch.Tensor | None, text_positions: torch.Tensor | None = None,
-                region_positions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                region_positions: torch.Tensor | None = None, region_self_mask: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
         """text (B, T, D_t), regions (B, R, D_v); masks bool (B, 1, 1, T|R) or None -> updated (text, regions).
+        (``region_self_mask`` is unused: a co-attention block has no self-attention.)
 
         ``text_positions`` (B, M) / ``region_positions`` (B, N): return only those rows of a stream (its queries
         and feed-forward run there only), (B, M, D_t) / (B, N, D_v).
@@ -191,8 +198,12 @@ class DualStreamModel(nn.Module):
         self.text_hidden_size = text.hidden_size
         self.region_hidden_size = vision.hidden_size
         self.hidden_size = cfg.pooled_size
+        # biases every self-attention of the region stream (not the cross-attention)
+        self.relations = BoxRelationBias(vision.num_heads) if cfg.region.box_relations else None
         self.apply(lambda module: init_bert_weights(module, text.init_std))
         init_visual_tables(self.text_embeddings, self.region_embeddings)
+        if self.relations is not None:
+            self.relations.reset_parameters()
 
     def _layer_order(self) -> list[tuple[str, nn.Module]]:
         """Every layer in the order the paper runs it, tagged "text" / "vision" (one stream) or "cross" (both).
@@ -218,15 +229,17 @@ class DualStreamModel(nn.Module):
 
     def _run_streams(self, text: torch.Tensor, text_mask: torch.Tensor | None, regions: torch.Tensor,
                      region_mask: torch.Tensor | None, text_positions: torch.Tensor | None = None,
-                     region_positions: torch.Tensor | None = None, collect: list[torch.Tensor] | None = None
-                     ) -> tuple[torch.Tensor, torch.Tensor, bool, bool]:
+                     region_positions: torch.Tensor | None = None, collect: list[torch.Tensor] | None = None,
+                     region_self_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, bool, bool]:
         """Both streams through ``_layer_order`` -> (text, regions, text_restricted, regions_restricted).
 
         With ``text_positions`` / ``region_positions`` the last layer that updates that stream computes those rows
         only, and the stream comes back as (B, M, H) with its flag set (a stream with no layer at all comes back
         whole). ``collect`` (LXMERT): appended with the text stream's [CLS] (B, 1, H_t) at entry and after each
         language and cross-modality layer (the last one after the final norm of a pre-LN model).
+        ``region_self_mask``: the regions' self-attention mask when it differs from ``region_mask`` (box relations).
         """
+        self_mask = region_mask if region_self_mask is None else region_self_mask
         if collect is not None:
             if self.cfg.cross.kind != "lxmert":
                 raise ValueError("every layer's [CLS] is defined for LXMERT's text stream only")
@@ -240,10 +253,10 @@ class DualStreamModel(nn.Module):
             if kind == "text":
                 text = layer(text, text_mask, positions=text_rows)
             elif kind == "vision":
-                regions = layer(regions, region_mask, positions=region_rows)
+                regions = layer(regions, self_mask, positions=region_rows)
             else:
                 text, regions = layer(text, text_mask, regions, region_mask, text_positions=text_rows,
-                                      region_positions=region_rows)
+                                      region_positions=region_rows, region_self_mask=region_self_mask)
             if collect is not None and kind != "vision":
                 collect.append(text[:, :1])
         if self.text_final_norm is not None:
@@ -290,9 +303,14 @@ class DualStreamModel(nn.Module):
         text_positions = row_positions(text_rows) if text_rows is not None else None  # (B, M)
         region_positions = row_positions(rows.regions) if rows.regions is not None else None  # (B, N)
         layer_cls: list[torch.Tensor] | None = [] if all_layers else None
+        region_padding = key_padding_mask(region_mask)
+        region_self_mask = None
+        if self.relations is not None:
+            region_self_mask = biased_attention_mask(region_padding, self.relations(inputs["region_boxes"]), 0,
+                                                     regions.shape[1])  # (B, nh, R, R)
         text_hidden, region_hidden, text_restricted, region_restricted = self._run_streams(
-            text, key_padding_mask(stream_mask), regions, key_padding_mask(region_mask), text_positions,
-            region_positions, layer_cls)
+            text, key_padding_mask(stream_mask), regions, region_padding, text_positions, region_positions,
+            layer_cls, region_self_mask)
         if text_restricted:
             text_hidden = scatter_rows(text_hidden, text_positions, text.shape[1])  # (B, T [+ R], H_t)
         if region_restricted:

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from vl.encoders.regions import build_region_embeddings, embed_regions, init_visual_tables
+from vl.encoders.relations import BoxRelationBias, biased_attention_mask
 from vl.encoders.tags import build_object_tags
 from vl.encoders.text import Pooler, build_text_embeddings, build_transformer_encoder
 from vl.encoders.transformer import init_bert_weights
@@ -43,12 +44,15 @@ class SingleStreamModel(nn.Module):
         self.region_embeddings = build_region_embeddings(cfg, text.hidden_size)
         self.tags = build_object_tags(cfg, text.hidden_size)
         self.encoder = build_transformer_encoder(text)
+        self.relations = BoxRelationBias(text.num_heads) if cfg.region.box_relations else None
         self.pooler = Pooler(text.hidden_size)
         self.text_hidden_size = text.hidden_size
         self.region_hidden_size = text.hidden_size
         self.hidden_size = text.hidden_size
         self.apply(lambda module: init_bert_weights(module, text.init_std))
         init_visual_tables(self.text_embeddings, self.region_embeddings)
+        if self.relations is not None:
+            self.relations.reset_parameters()
 
     def forward(self, batch: dict[str, torch.Tensor], rows: OutputRows | None = None,
                 all_layers: bool = False) -> VLOutput:
@@ -79,12 +83,16 @@ class SingleStreamModel(nn.Module):
             tag_rows = [torch.zeros_like(region_rows, dtype=torch.bool)] * len(tag_parts)  # nothing reads them
             joint_rows = torch.cat([text_rows.bool(), *tag_rows, region_rows.bool()], dim=1)  # (B, T [+ R] + R)
         tokens = torch.cat([text_tokens, *tag_parts, region_tokens], dim=1)
+        attn_mask = key_padding_mask(joint_mask)
+        if self.relations is not None:  # tags sit at their regions' boxes
+            boxes = torch.cat([inputs["region_boxes"]] * (1 + len(tag_parts)), dim=1)  # ([R] + R boxes)
+            attn_mask = biased_attention_mask(attn_mask, self.relations(boxes), num_text, tokens.shape[1])
         layer_cls = None
         if all_layers:
-            states = self.encoder(tokens, key_padding_mask(joint_mask), return_all=True)
+            states = self.encoder(tokens, attn_mask, return_all=True)
             hidden, layer_cls = states[-1], [state[:, :1] for state in states]
         else:
-            hidden = self.encoder(tokens, key_padding_mask(joint_mask), rows=joint_rows)  # (B, T [+ R] + R, H)
+            hidden = self.encoder(tokens, attn_mask, rows=joint_rows)  # (B, T [+ R] + R, H)
         # (B, T, H), [(B, R, H)], (B, R, H); ``split`` as in ``Attention.both_ways``: its backward concatenates the
         # gradients, where each slice's would zero-fill a (B, T + R, H) tensor to be summed
         parts = hidden.split([num_text, *[num_regions] * len(tag_parts), num_regions], dim=1)
