@@ -83,3 +83,4 @@ def test_machine_info_names_the_cpu_and_its_bf16(monkeypatch):
     monkeypatch.setattr(precision, "bf16_native", lambda device="cpu": False)
     info = precision.machine_info()
     assert info["bf16_native"] is False and isinstance(info["cpu"], str) and info["cpu"]
+    assert info["bf16"] == "not native" and info["cpu_capability"] in ("DEFAULT", "AVX2", "AVX512", "ZVECTOR", "VSX")
