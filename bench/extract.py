@@ -8,8 +8,8 @@ downloaded) and the same batch size:
 - ours: ``configs/detector-resnet50.yaml`` (timm resnet50 + FPN, 2048-d region features) through the code path
   ``vl-regions extract`` runs per batch (``region_features.extract.extract_batch``): a fixed K boxes per image with
   their features, class distributions and attributes, turned into fp16 store records. Levers: bf16 autocast
-  (AVX-512 bf16 / AMX), channels-last convolutions, inference mode, 300 proposals (bottom-up attention's count),
-  no mask/keypoint work.
+  (AVX-512 bf16 / AMX), channels-last convolutions, batch norms folded into the convolutions, inference mode, 300
+  proposals (bottom-up attention's count), no mask/keypoint work.
 
 Images are made at the model's input size (``--size`` shorter side, 4:3), so neither side spends time resizing.
 Achieved GFLOP/s counts each side's convolutions and matmuls (``torch.utils.flop_counter``) over its measured time,
@@ -34,10 +34,9 @@ import torch
 
 from region_features.detector import BoxSelection, RegionDetector
 from region_features.extract import extract_batch
-from vl.precision import bf16_native, resolve_precision
 from region_features.images import ProblemLog
 from region_features.runs import read_detector_config
-from vl.precision import machine_info
+from vl.precision import bf16_native, machine_info, resolve_precision
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -122,7 +121,7 @@ def main(argv: list[str] | None = None) -> dict:
     resnet50 = read_detector_config(ROOT / "configs" / "detector-resnet50.yaml")
     detector_cfg = dataclasses.replace(resnet50, num_classes=90, num_attributes=0, min_size=args.size,
                                        max_size=max_size)
-    ours = RegionDetector(detector_cfg).eval().use_channels_last()
+    ours = RegionDetector(detector_cfg).eval().fold_batch_norms().use_channels_last()  # as vl-regions extract does
     precision = resolve_precision(args.precision, "cpu", what="--precision")
     selection = BoxSelection(num_boxes=args.num_boxes)
     problems = ProblemLog()

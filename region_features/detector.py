@@ -40,11 +40,17 @@ from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
 from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.rpn import RegionProposalNetwork
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
-from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign, clip_boxes_to_image, nms
+from torchvision.ops import FeaturePyramidNetwork, clip_boxes_to_image, nms
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from region_features.detector_heads import AttributeHead, Float32Predictor, Float32RPNHead, RegionRoIHeads
+from region_features.detector_heads import (
+    AttributeHead,
+    Float32Predictor,
+    Float32RPNHead,
+    ParallelRoIAlign,
+    RegionRoIHeads,
+)
 from vl.errors import UserError
 
 TORCHVISION_R50_FPN = "torchvision-fasterrcnn_resnet50_fpn"
@@ -246,7 +252,7 @@ class RegionDetector(GeneralizedRCNN):
             post_nms_top_n=dict(training=cfg.rpn_post_nms_top_n_train, testing=cfg.rpn_post_nms_top_n_test),
             nms_thresh=cfg.rpn_nms_thresh,
         )
-        box_roi_pool = MultiScaleRoIAlign(
+        box_roi_pool = ParallelRoIAlign(
             backbone.featmap_names, output_size=cfg.roi_output_size, sampling_ratio=cfg.roi_sampling_ratio
         )
         if cfg.box_head_convs:
@@ -313,6 +319,15 @@ class RegionDetector(GeneralizedRCNN):
             self._channels_last = True
         return self
 
+    def fold_batch_norms(self) -> RegionDetector:
+        """For inference only: fold the backbone's eval-mode batch norms into its convolutions
+        (``region_features.fold``; kept unfolded when the folded copy does not match). Returns the model."""
+        from region_features.fold import fold_backbone
+
+        self.eval()
+        self.backbone, _ = fold_backbone(self.backbone)
+        return self
+
     def resized_shape(self, height: int, width: int) -> tuple[int, int, float]:
         """(height, width, scale) this model's inference resizes an image of (height, width) to."""
         return resized_shape(height, width, self.cfg.min_size, self.cfg.max_size)
@@ -358,6 +373,9 @@ class RegionDetector(GeneralizedRCNN):
         image_list, features = self.backbone_features(images)
         if given_boxes is None:
             proposals, _ = self.rpn(image_list, features)
+        # RoIAlign reads contiguous maps: made so once here, not by each of its calls below
+        features = OrderedDict((name, level.contiguous()) for name, level in features.items())
+        if given_boxes is None:
             region_feats = self.roi_heads.region_features(features, proposals, image_list.image_sizes)
             class_logits, box_regression = self.roi_heads.box_predictor(region_feats)
             decoded = self.roi_heads.box_coder.decode(box_regression, proposals)  # (sum N, C+1, 4)

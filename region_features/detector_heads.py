@@ -1,5 +1,6 @@
 """The RPN and RoI heads of ``region_features.detector.RegionDetector`` beyond torchvision's: the class-conditioned
-attribute head, the RoI heads that add its loss, and the RPN head and box predictor with float32 outputs."""
+attribute head, the RoI heads that add its loss, the RPN head and box predictor with float32 outputs, and RoIAlign
+pooling the images of a batch in parallel at CPU inference."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from torch import Tensor, nn
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
 from torchvision.models.detection.roi_heads import RoIHeads, fastrcnn_loss
 from torchvision.models.detection.rpn import RPNHead
+from torchvision.ops import MultiScaleRoIAlign
 
 
 class AttributeHead(nn.Module):
@@ -99,3 +101,36 @@ class Float32Predictor(FastRCNNPredictor):
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         scores, deltas = super().forward(x)
         return scores.float(), deltas.float()
+
+
+_POOL: dict[int, object] = {}  # worker count -> ThreadPoolExecutor
+
+
+class ParallelRoIAlign(MultiScaleRoIAlign):
+    """``MultiScaleRoIAlign`` that, at CPU inference, pools each image of the batch on its own thread.
+
+    torchvision's CPU RoIAlign kernel runs on one thread, so with N threads it leaves N - 1 idle; per image, the
+    results are identical (the level of each box and the scales are per box and per feature map). Training and GPU
+    inputs take the parent's path.
+    """
+
+    def forward(self, x: dict[str, Tensor], boxes: list[Tensor], image_shapes: list[tuple[int, int]]) -> Tensor:
+        workers = min(torch.get_num_threads(), len(boxes))
+        first = next(iter(x.values()))
+        if workers < 2 or first.device.type != "cpu" or (torch.is_grad_enabled() and first.requires_grad):
+            return super().forward(x, boxes, image_shapes)
+        from concurrent.futures import ThreadPoolExecutor
+
+        pool = _POOL.setdefault(workers, ThreadPoolExecutor(workers, thread_name_prefix="roi_align"))
+        parent = super().forward
+        # autocast and inference mode are per thread: each worker runs under the caller's
+        autocast = dict(dtype=torch.get_autocast_dtype("cpu"), enabled=torch.is_autocast_enabled("cpu"))
+        inference = torch.is_inference_mode_enabled()
+
+        def pooler(*args):
+            with torch.autocast("cpu", **autocast), torch.inference_mode(inference), torch.no_grad():
+                return parent(*args)
+
+        jobs = [pool.submit(pooler, {name: level[i:i + 1] for name, level in x.items()}, [boxes[i]], [image_shapes[i]])
+                for i in range(len(boxes))]
+        return torch.cat([job.result() for job in jobs])  # (sum K_i, C, S, S), in the images' order

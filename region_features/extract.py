@@ -103,8 +103,11 @@ def extract_features(
     problems = problems if problems is not None else ProblemLog()
     selection = selection if selection is not None else BoxSelection()
     precision = resolve_precision(precision, "cpu", what="--precision")
-    model, labels = load_detector(detector) if not isinstance(detector, tuple) else detector
+    loaded_here = not isinstance(detector, tuple)
+    model, labels = load_detector(detector) if loaded_here else detector
     model.eval()
+    if loaded_here:  # a caller's model keeps its norms: it may be trained after
+        model.fold_batch_norms()
     if channels_last:
         model.use_channels_last()
     boxes_by_id: dict[Any, torch.Tensor] | None = None

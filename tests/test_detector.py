@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import os
@@ -458,3 +459,55 @@ def test_extract_refuses_annotations_with_shards(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and "drop --annotations" in err and err.count("\n") == 1
     assert not (tmp_path / "store").exists()
+
+
+def test_folded_norms_and_parallel_pooling_describe_the_same_regions():
+    from region_features.fold import fold_batch_norms
+
+    model = tiny_detector().eval()
+    generator = torch.Generator().manual_seed(1)
+    for norm in (m for m in model.backbone.modules() if isinstance(m, torch.nn.BatchNorm2d)):
+        norm.running_mean.copy_(torch.randn(norm.num_features, generator=generator) * 0.1)
+        norm.running_var.copy_(torch.rand(norm.num_features, generator=generator) + 0.5)
+        norm.weight.data.copy_(torch.rand(norm.num_features, generator=generator) + 0.5)
+        norm.bias.data.copy_(torch.randn(norm.num_features, generator=generator) * 0.1)
+    images, _ = synthetic_batch(3)
+    selection = BoxSelection(num_boxes=5)
+    with torch.inference_mode():
+        expected = model.extract_regions(images, selection)  # one thread: the stock pooling path
+    folded = copy.deepcopy(model).fold_batch_norms()
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.backbone.modules())
+    assert fold_batch_norms(copy.deepcopy(folded.backbone)) == 0  # nothing left to fold
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # RoIAlign per image on two threads
+    try:
+        with torch.inference_mode():
+            actual = folded.extract_regions(images, selection)
+            with torch.autocast("cpu", dtype=torch.bfloat16):  # the workers pool under the caller's autocast
+                under_bf16 = folded.extract_regions(images, selection)
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.isfinite(region["region_feats"]).all() for region in under_bf16)
+    for want, got in zip(expected, actual):
+        assert torch.allclose(want["boxes"], got["boxes"], atol=1e-3)
+        assert torch.allclose(want["region_feats"], got["region_feats"], atol=1e-4, rtol=1e-3)
+        assert torch.equal(want["object_ids"], got["object_ids"])
+
+
+def test_a_fold_that_changes_the_output_is_not_kept():
+    from region_features.fold import fold_backbone
+
+    class NormAfterActivation(torch.nn.Module):  # registered conv then norm, but the norm runs after the ReLU
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+            self.norm = torch.nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            return {"0": self.norm(torch.relu(self.conv(x)))}
+
+    module = NormAfterActivation().eval()
+    module.norm.running_mean.fill_(0.5)
+    module.norm.bias.data.fill_(-1.0)
+    kept, folded = fold_backbone(module)
+    assert kept is module and folded == 0 and isinstance(module.norm, torch.nn.BatchNorm2d)
