@@ -46,8 +46,6 @@ def machine_info() -> dict[str, object]:
     """What a bench's JSON line says about the machine that measured it: the CPU's name, whether bf16 is native
     (``bf16``: "native" or "not native", where a bench times no bf16), and the vector ISA torch's kernels use
     (``torch.backends.cpu.get_cpu_capability()``: "AVX2" under ``ATEN_CPU_CAPABILITY=avx2`` emulation)."""
-    import torch
-
     native = bf16_native("cpu")
     return {"cpu": cpu_name(), "bf16_native": native, "bf16": "native" if native else "not native",
             "cpu_capability": torch.backends.cpu.get_cpu_capability()}

@@ -183,8 +183,8 @@ def plot_data_efficiency(efficiency: dict[str, dict[float, float]], out: Path) -
         pretrained = not name.startswith("vqa-scratch")
         ax.plot([100 * f for f in fractions], [points[f] for f in fractions], marker="o",
                 linestyle="-" if pretrained else "--", label=VQA_RUNS.get(name, name))
-    shares = sorted({f for points in efficiency.values() for f in points})
     ax.set_xscale("log")
+    shares = sorted({f for points in efficiency.values() for f in points})
     ax.set_xticks([100 * f for f in shares], [f"{100 * f:g}%" for f in shares])
     ax.set_xlabel("share of the VQA training questions fine-tuned on")
     ax.set_ylabel("VQA accuracy (%), test split")

@@ -53,8 +53,5 @@ def biased_attention_mask(padding_mask: torch.Tensor | None, bias: torch.Tensor,
     ``bias`` (B, nh, N, N) added on the block of positions [start, start + N) against themselves, 0 elsewhere."""
     batch, heads, n, _ = bias.shape
     mask = bias.new_zeros(batch, heads, length, length)
-    if padding_mask is not None:
-        mask = mask.masked_fill(~padding_mask, float("-inf"))
-    block = torch.zeros_like(mask)
-    block[:, :, start:start + n, start:start + n] = bias
-    return mask + block
+    mask[:, :, start:start + n, start:start + n] = bias
+    return mask if padding_mask is None else mask.masked_fill(~padding_mask, float("-inf"))

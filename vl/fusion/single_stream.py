@@ -84,9 +84,10 @@ class SingleStreamModel(nn.Module):
             joint_rows = torch.cat([text_rows.bool(), *tag_rows, region_rows.bool()], dim=1)  # (B, T [+ R] + R)
         tokens = torch.cat([text_tokens, *tag_parts, region_tokens], dim=1)
         attn_mask = key_padding_mask(joint_mask)
-        if self.relations is not None:  # tags sit at their regions' boxes
-            boxes = torch.cat([inputs["region_boxes"]] * (1 + len(tag_parts)), dim=1)  # ([R] + R boxes)
-            attn_mask = biased_attention_mask(attn_mask, self.relations(boxes), num_text, tokens.shape[1])
+        if self.relations is not None:  # tags sit at their regions' boxes: the (R, R) bias tiles [tags; regions]
+            copies = 1 + len(tag_parts)
+            bias = self.relations(inputs["region_boxes"]).repeat(1, 1, copies, copies)  # (B, nh, [R +] R, [R +] R)
+            attn_mask = biased_attention_mask(attn_mask, bias, num_text, tokens.shape[1])
         layer_cls = None
         if all_layers:
             states = self.encoder(tokens, attn_mask, return_all=True)
