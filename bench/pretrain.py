@@ -55,14 +55,14 @@ import numpy as np
 import torch
 
 from vl.checkpoints.hf_vl import hf_config
+from vl.config import load_config
 from vl.fusion.pretraining import HeadsConfig, build_pretraining_model
 from vl.objectives import build_objective
 from vl.precision import bf16_native, cpu_name, machine_info
-from vl.train.loop import TrainConfig, build_optimizer, clipped_step
-from vl.config import load_config
+from vl.train.loop import TrainConfig
+from vl.train.optim import build_optimizer, clipped_step
 from vl.train.pretrain_config import VLPretrainConfig
 from vl.train.pretrainer import VLPretrainer
-
 
 ROOT = Path(__file__).resolve().parents[1]
 BATCH, TOKENS, REGIONS, FEATURE_DIM = 16, 20, 36, 2048

@@ -289,7 +289,7 @@ DDP_SCRIPT = textwrap.dedent('''
     from vl.objectives import build_objective
 
 
-    def main(batches_file, out, config):
+    def main(batches_file, out, config, fsdp="0", steps=None):
         accelerator = Accelerator(cpu=True,
                                   kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
         rank, world = accelerator.process_index, accelerator.num_processes
@@ -304,13 +304,14 @@ DDP_SCRIPT = textwrap.dedent('''
         full = torch.load(batches_file, weights_only=True)
         size = full[0]["input_ids"].shape[0] // world
         data = [{**{k: v[rank * size:(rank + 1) * size] for k, v in b.items()}, "task": "all"} for b in full]
-        train_cfg = TrainConfig(steps=len(data), batch_size=size, lr=1e-3, log_every=1, save_every=0, cpu=True)
+        train_cfg = TrainConfig(steps=int(steps or len(data)), batch_size=size, lr=1e-3, schedule="constant",
+                                log_every=1, save_every=0, cpu=True, fsdp=fsdp == "1")
         train(module, data, train_cfg, out, loss_weights={n: 1.0 for n in objectives}, accelerator=accelerator,
               plot=False)
 
 
     if __name__ == "__main__":
-        main(*sys.argv[1:4])
+        main(*sys.argv[1:])
 ''')
 
 
@@ -332,16 +333,18 @@ def ddp_rank(rank: int, world_size: int, port: int, args: tuple[str, ...]) -> No
     namespace["main"](*args)
 
 
-def test_ddp_two_processes_equal_one_process_on_the_concatenated_batch(world, features, tokenizer_dir, tmp_path):
+def ddp_batches(world, features, tokenizer_dir, steps: int) -> list[dict]:
+    """``steps`` batches of 8 with the same number of targets in each half: one token and one region per sample,
+    so the mean loss over both ranks' halves is the mean over the whole batch."""
     maker = maker_for(world, features, tokenizer_dir, {"mlm": 1.0})
     records = [CaptionRecord(image_id, caption, str(i), "x") for i, (image_id, caption) in enumerate(
         (int(a["image_id"]), a["caption"]) for a in json.loads(world.captions("train").read_text())["annotations"])]
     batches = []
-    for step in range(2):
+    for step in range(steps):
         batch = maker.collate(records[step * 8:(step + 1) * 8])
         batch.pop("region_class_probs")
         batch.pop("image_ids")
-        size = batch["input_ids"].shape[0]  # the same number of targets in each half: one token, one region each
+        size = batch["input_ids"].shape[0]
         batch["mlm_labels"] = torch.full_like(batch["input_ids"], -100)
         batch["mlm_labels"][:, 1] = batch["input_ids"][:, 1]
         batch["input_ids"][:, 1] = maker.tokenizer.mask_id
@@ -352,34 +355,69 @@ def test_ddp_two_processes_equal_one_process_on_the_concatenated_batch(world, fe
         batch["itm_labels"] = torch.tensor([1, 0] * (size // 2))
         batch["region_boxes"] = batch["region_boxes"][..., :4]
         batches.append(batch)
-    torch.save(batches, tmp_path / "batches.pt")
+    return batches
+
+
+def run_single(*args: str) -> None:
     namespace: dict = {"__name__": "ddp_step"}
-    exec(compile(DDP_SCRIPT, "ddp_step.py", "exec"), namespace)  # the single-process reference, in this process
-    namespace["main"](str(tmp_path / "batches.pt"), str(tmp_path / "single"), str(CONFIG))
+    exec(compile(DDP_SCRIPT, "ddp_step.py", "exec"), namespace)  # in this process
+    namespace["main"](*args)
+
+
+def run_two_ranks(*args: str) -> None:
     context = multiprocessing.get_context("fork")
     port = free_port()
-    ranks = [context.Process(target=ddp_rank, args=(rank, 2, port, (str(tmp_path / "batches.pt"),
-                                                                   str(tmp_path / "ddp"), str(CONFIG))))
-             for rank in range(2)]
+    ranks = [context.Process(target=ddp_rank, args=(rank, 2, port, args)) for rank in range(2)]
     for process in ranks:
         process.start()
     for process in ranks:
         process.join(timeout=240)
     assert [process.exitcode for process in ranks] == [0, 0]
-    one, two = (load_state_file(tmp_path / name / "model.safetensors") for name in ("single", "ddp"))
-    assert one.keys() == two.keys()
-    for key in one:
-        torch.testing.assert_close(two[key], one[key], rtol=1e-4, atol=2e-5, msg=key)
-    losses = [[row["loss"] for row in read_metrics(tmp_path / name / "metrics.jsonl")] for name in ("single", "ddp")]
-    assert len(losses[1]) == 2 and losses[0] == pytest.approx(losses[1], rel=1e-5)
+
+
+def assert_same_run(one: Path, two: Path, rtol: float = 1e-4, atol: float = 2e-5) -> None:
+    first, second = (load_state_file(path / "model.safetensors") for path in (one, two))
+    assert first.keys() == second.keys()
+    for key in first:
+        torch.testing.assert_close(second[key], first[key], rtol=rtol, atol=atol, msg=key)
+    losses = [[row["loss"] for row in read_metrics(path / "metrics.jsonl")] for path in (one, two)]
+    assert len(losses[1]) == len(losses[0]) and losses[0] == pytest.approx(losses[1], rel=1e-5)
+
+
+def test_ddp_two_processes_equal_one_process_on_the_concatenated_batch(world, features, tokenizer_dir, tmp_path):
+    torch.save(ddp_batches(world, features, tokenizer_dir, 2), tmp_path / "batches.pt")
+    batches, config = str(tmp_path / "batches.pt"), str(CONFIG)
+    run_single(batches, str(tmp_path / "single"), config)
+    run_two_ranks(batches, str(tmp_path / "ddp"), config)
+    assert_same_run(tmp_path / "single", tmp_path / "ddp")
+
+
+def test_fsdp_two_processes_equal_one_process_and_resume_exactly(world, features, tokenizer_dir, tmp_path):
+    """FSDP over 2 CPU processes (gloo): each rank holds half of every parameter; the run equals one process on the
+    concatenated batches, and a run stopped at step 2 and resumed to 4 equals the run of 4 steps in one go."""
+    torch.save(ddp_batches(world, features, tokenizer_dir, 4), tmp_path / "batches.pt")
+    batches, config = str(tmp_path / "batches.pt"), str(CONFIG)
+    run_single(batches, str(tmp_path / "single"), config)
+    run_two_ranks(batches, str(tmp_path / "fsdp"), config, "1")
+    assert_same_run(tmp_path / "single", tmp_path / "fsdp")
+    state = torch.load(tmp_path / "fsdp" / "checkpoints" / "step-4" / "train_state.pt", weights_only=True)
+    assert state["sharded"] is True and "embeddings.word_embeddings.weight" in str(state["optimizer"]["state"].keys())
+
+    run_two_ranks(batches, str(tmp_path / "resumed"), config, "1", "2")
+    run_two_ranks(batches, str(tmp_path / "resumed"), config, "1", "4")
+    assert_same_run(tmp_path / "fsdp", tmp_path / "resumed", rtol=0, atol=0)
+    with pytest.raises(UserError, match="train.fsdp=true; resume it the same way"):
+        run_single(batches, str(tmp_path / "resumed"), config, "0", "5")
 
 
 # ---------------------------------------------------------------------------------------------------------- faults
 
 
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
 def test_accelerate_launch_two_ranks_equal_one_process_on_the_concatenated_batches(world, features, tokenizer_dir,
-                                                                                   tmp_path):
-    """The real command under ``accelerate launch --num_processes 2`` (gloo on CPU) with ``mix: sample``.
+                                                                                   tmp_path, fsdp):
+    """The real command under ``accelerate launch --num_processes 2`` (gloo on CPU) with ``mix: sample``, with DDP
+    and with FSDP (``train.fsdp``).
 
     Captions are cut to one word ([CLS] w [SEP]), so every MLM sample has exactly one target and each rank's mean
     loss is the mean over the concatenated batch; the run must then equal one process stepping on both ranks'
@@ -400,7 +438,7 @@ def test_accelerate_launch_two_ranks_equal_one_process_on_the_concatenated_batch
     sets = ["train.steps=6", "train.batch_size=8", "train.log_every=1", "train.save_every=0", "train.lr=1e-3",
             "train.warmup_ratio=0", "train.precision=fp32", "data.num_workers=0", "data.shuffle_buffer=0",
             "data.max_text_len=3", "model.text.dropout=0", "model.text.attn_dropout=0",
-            "objectives={mlm: {mix: 1}, itm: {mix: 1}}"]
+            "objectives={mlm: {mix: 1}, itm: {mix: 1}}", f"train.fsdp={str(fsdp).lower()}"]
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "vl", "pretrain",
                "--config", str(CONFIG), "--captions", str(captions), "--features", str(features),

@@ -11,15 +11,15 @@ from torch import nn
 from vl.checkpoints.io import load_state_file
 from vl.checkpoints.vl_run import load_vl_run
 from vl.cli import main
-from vl.text.corpus import read_documents, tokenize_documents
-from vl.text.bert import BertPretrainingModel
 from vl.encoders.text import TextEncoderConfig
+from vl.text.bert import BertPretrainingModel
+from vl.text.corpus import read_documents, tokenize_documents
 from vl.text.objectives import TextPretrainingModel
+from vl.text.pretrain import TextDataConfig, TextPretrainConfig, build_text_stream
 from vl.text.tokenizer import Tokenizer
 from vl.train.checkpoint import list_checkpoints
-from vl.train.loop import (TrainConfig, build_optimizer, clipped_step, decay_parameter_groups,
-                           seed_everything, train)
-from vl.text.pretrain import TextDataConfig, TextPretrainConfig, build_text_stream
+from vl.train.loop import TrainConfig, seed_everything, train
+from vl.train.optim import build_optimizer, clipped_step, decay_parameter_groups
 from vl.train.schedule import lr_multiplier
 
 TINY = TextEncoderConfig(vocab_size=300, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64,

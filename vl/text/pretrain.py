@@ -159,7 +159,7 @@ def pretrain_text(cfg: TextPretrainConfig, text: list[str], out: str | os.PathLi
         out,
         loss_weights=objective_loss_weights(cfg.objectives, cfg.electra),
         run_config=resolved,
-        export_state=lambda m: m.bert_state_dict(),
+        export_filter=lambda key: key.startswith(TextPretrainingModel.BERT_PREFIXES),
         accelerator=accelerator,
         desc="pretrain-text",
     )

@@ -96,13 +96,6 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     return checkpoints[-1][1] if checkpoints else None
 
 
-def model_state_for_saving(model: nn.Module, save_filter: Callable[[str], bool] | None) -> dict[str, torch.Tensor]:
-    state = model.state_dict()
-    if save_filter is None:
-        return state
-    return {name: tensor for name, tensor in state.items() if save_filter(name)}
-
-
 def load_model_weights(model: nn.Module, path: str | os.PathLike,
                        save_filter: Callable[[str], bool] | None = None) -> None:
     """Load a weights file written by the loop; with ``save_filter``, only the keys it selects are expected."""
@@ -129,17 +122,20 @@ def capture_snapshot(data: Any) -> dict[str, Any]:
 def save_checkpoint(
     run_dir: Path,
     step: int,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
+    model_state: Mapping[str, torch.Tensor],
+    optimizer_state: Mapping[str, Any],
     scheduler: Any,
     data: Any,
     keep_last: int,
-    save_filter: Callable[[str], bool] | None = None,
     snapshot: Mapping[str, Any] | None = None,
     rank_snapshots: list[Mapping[str, Any]] | None = None,
+    sharded: bool = False,
 ) -> Path:
     """Write ``RUN/checkpoints/step-N`` through a temporary directory and a rename; prune to ``keep_last``.
 
+    model_state: the tensors to write (the loop leaves out what ``save_filter`` excludes).
+    optimizer_state: ``optimizer.state_dict()``, or under FSDP the full state keyed by parameter name
+        (``sharded``, recorded so that a resume reads it the same way).
     snapshot: the RNG states and data position to store (``capture_snapshot``); default: taken now.
     rank_snapshots: every rank's snapshot, in rank order, when several processes train.
     """
@@ -148,17 +144,19 @@ def save_checkpoint(
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step}"
     with atomic_directory(final) as tmp:
-        save_weights(model_state_for_saving(model, save_filter), tmp / WEIGHTS_FILE)
+        save_weights(model_state, tmp / WEIGHTS_FILE)
         state = {
             "version": TRAIN_STATE_VERSION,
             "step": step,
-            "optimizer": optimizer.state_dict(),
+            "optimizer": optimizer_state,
             "scheduler": scheduler.state_dict(),
             "rng": snapshot["rng"],
             "data": snapshot["data"],
         }
         if rank_snapshots is not None:
             state["ranks"] = list(rank_snapshots)
+        if sharded:
+            state["sharded"] = True
         torch.save(state, tmp / TRAIN_STATE_FILE)
     if keep_last > 0:
         for _, old in list_checkpoints(run_dir)[:-keep_last]:

@@ -47,7 +47,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from vl.checkpoints.io import save_weights
+from vl.checkpoints.io import load_state_file, save_weights
 from vl.config import save_config
 from vl.errors import UserError
 from vl.progress import progress_bar
@@ -57,7 +57,6 @@ from vl.train.checkpoint import (
     data_state,
     latest_checkpoint,
     load_model_weights,
-    model_state_for_saving,
     own_snapshot,
     read_train_state,
     save_checkpoint,
@@ -65,7 +64,9 @@ from vl.train.checkpoint import (
     set_rng_state,
     truncate_metrics,
 )
+from vl.train.optim import build_optimizer, clipped_step
 from vl.train.schedule import SCHEDULES, ScheduleName, build_scheduler, restore_rate
+from vl.train.sharding import full_norm, full_state, gathered, load_full_state, shard_model
 
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "loss.png"
@@ -96,6 +97,7 @@ class TrainConfig:
     seed: int = 0  # seeds python, numpy and torch at the start of a run
     max_nonfinite_steps: int = 5  # consecutive steps with a non-finite loss (each skipped) that stop the run; 0: never
     compile: bool = False  # torch.compile the model's forward (nn.Module.compile; state-dict names unchanged)
+    fsdp: bool = False  # under several processes, shard parameters, gradients and optimizer state (vl.train.sharding)
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "grad_accum_steps", "log_every"):
@@ -142,55 +144,6 @@ class TrainingStopped(UserError):
 
 # --------------------------------------------------------------------------------------------------------------
 # Optimizer
-
-
-def decay_parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Optimizer groups over the trainable parameters: decay on matrices, none on biases, norms and 1-d parameters."""
-    decay, no_decay = [], []
-    for param in model.parameters():
-        if param.requires_grad:
-            (no_decay if param.ndim <= 1 else decay).append(param)
-    groups = []
-    if decay:
-        groups.append({"params": decay, "weight_decay": weight_decay})
-    if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0})
-    return groups
-
-
-def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    groups = decay_parameter_groups(model, cfg.weight_decay)
-    if not groups:
-        raise UserError("the model has no trainable parameters (every parameter has requires_grad=False)")
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, foreach=True)
-    # The fused kernel (CPU and CUDA) is several times faster than the per-tensor loop; it needs float parameters.
-    fused = all(param.dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-                for group in groups for param in group["params"])
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps, fused=fused or None)
-
-
-def clipped_step(optimizer: torch.optim.Optimizer, params: list[nn.Parameter], max_norm: float,
-                 in_kernel: bool = True) -> torch.Tensor:
-    """Clip the gradients' global norm to ``max_norm`` (as ``clip_grad_norm_``) and step; returns the norm before.
-
-    With ``in_kernel`` and a fused Adam/AdamW, the clipping factor min(1, max_norm / (norm + 1e-6)) is applied by the
-    optimizer's kernel as it reads each gradient (its ``grad_scale``, which divides the gradients; the one that
-    ``GradScaler`` sets), instead of a separate pass that multiplies every gradient first. Else ``clip_grad_norm_``
-    then ``step()``.
-    """
-    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps it
-    if not (in_kernel and isinstance(inner, torch.optim.Adam) and inner.defaults.get("fused")):
-        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-        optimizer.step()
-        return norm
-    norm = torch.nn.utils.get_total_norm([param.grad for param in params if param.grad is not None])
-    inner.grad_scale = ((norm + 1e-6) / max_norm).clamp(min=1.0).float()
-    try:
-        optimizer.step()
-    finally:
-        del inner.grad_scale
-    return norm
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -334,6 +287,10 @@ def make_accelerator(precision: str = "auto", cpu: bool = False, **kwargs: Any) 
     return Accelerator(mixed_precision=mixed, cpu=cpu, **kwargs)
 
 
+def _select(state: Mapping[str, torch.Tensor], keep: Callable[[str], bool] | None) -> dict[str, torch.Tensor]:
+    return dict(state) if keep is None else {name: tensor for name, tensor in state.items() if keep(name)}
+
+
 def train(
     model: nn.Module,
     data: Iterable[Mapping[str, Any]],
@@ -344,7 +301,7 @@ def train(
     loss_weights: Mapping[str, float] | None = None,
     run_config: Any | None = None,
     save_filter: Callable[[str], bool] | None = None,
-    export_state: Callable[[nn.Module], Mapping[str, torch.Tensor]] | None = None,
+    export_filter: Callable[[str], bool] | None = None,
     evaluate: Callable[[nn.Module, int], Mapping[str, float]] | None = None,
     accelerator: Any | None = None,
     desc: str = "train",
@@ -361,8 +318,8 @@ def train(
     run_config: a dataclass written to ``RUN/config.yaml``.
     save_filter: state-dict keys to write in checkpoints and the final weights (e.g. only adapters and heads);
         None writes everything.
-    export_state: ``(model) -> state dict`` written to ``RUN/model.safetensors`` at the end (e.g. without the
-        parts only training needs); default: the same tensors as a checkpoint.
+    export_filter: the state-dict keys written to ``RUN/model.safetensors`` at the end (e.g. without the parts only
+        training needs); default: those of a checkpoint (``save_filter``).
     evaluate: ``(model, step) -> {name: value}`` run in eval mode under no_grad every ``cfg.eval_every`` steps
         and at the end; its values go to metrics.jsonl.
     accelerator: an ``accelerate.Accelerator``; by default one is built from ``cfg.precision`` and ``cfg.cpu``.
@@ -377,18 +334,24 @@ def train(
     if run_config is not None and accelerator.is_main_process:
         save_config(run_config, run_dir)
 
-    optimizer = build_optimizer(model, cfg)
+    from accelerate.utils import DistributedType
+
+    sharded = accelerator.num_processes > 1 and (cfg.fsdp or accelerator.distributed_type == DistributedType.FSDP)
+    if sharded:  # sharded here, not by accelerate's plugin (vl.train.sharding); before the optimizer sees the params
+        shard_model(model, accelerator.device, accelerator.num_processes)
+    optimizer = build_optimizer(model, cfg, fused=not sharded)
     scheduler = build_scheduler(optimizer, cfg.steps, cfg.warmup, cfg.schedule, cfg.min_lr_ratio)
     trainable = [param for group in optimizer.param_groups for param in group["params"]]
     if cfg.compile:
         model.compile()  # compiled on the first batch, and again when batch shapes change
-    prepared_model, optimizer = accelerator.prepare(model, optimizer)
+    if sharded:
+        prepared_model, optimizer = model, accelerator.prepare_optimizer(optimizer, device_placement=False)
+    else:
+        prepared_model, optimizer = accelerator.prepare(model, optimizer)
     raw_model = accelerator.unwrap_model(prepared_model)
     # Clipping inside the fused AdamW kernel needs the gradients as they are: not under fp16 loss scaling (accelerate
     # unscales them in its clip_grad_norm_) nor sharded (FSDP, DeepSpeed).
-    from accelerate.utils import DistributedType
-
-    kernel_clipping = accelerator.scaler is None and accelerator.distributed_type in (
+    kernel_clipping = accelerator.scaler is None and not sharded and accelerator.distributed_type in (
         DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU)
 
     metrics_path = run_dir / METRICS_FILE
@@ -397,8 +360,15 @@ def train(
     data_restored = False
     if resume_from is not None:
         state = read_train_state(resume_from)
-        load_model_weights(raw_model, resume_from / WEIGHTS_FILE, save_filter)
-        optimizer.load_state_dict(state["optimizer"])
+        if bool(state.get("sharded", False)) != sharded:
+            raise UserError(f"checkpoint {resume_from} was saved with train.fsdp={str(not sharded).lower()}; resume "
+                            "it the same way")
+        if sharded:
+            load_full_state(raw_model, optimizer, load_state_file(resume_from / WEIGHTS_FILE), state["optimizer"],
+                            str(resume_from), save_filter)
+        else:
+            load_model_weights(raw_model, resume_from / WEIGHTS_FILE, save_filter)
+            optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         restore_rate(scheduler)
         start_step = int(state["step"])
@@ -450,7 +420,7 @@ def train(
 
     def run_evaluation(step: int) -> None:
         prepared_model.eval()
-        with torch.no_grad(), accelerator.autocast():
+        with torch.no_grad(), accelerator.autocast(), gathered(raw_model) if sharded else contextlib.nullcontext():
             values = evaluate(raw_model, step)
         prepared_model.train()
         write_row({"step": step, **{name: float(value) for name, value in values.items()}})
@@ -463,11 +433,14 @@ def train(
             from accelerate.utils import gather_object
 
             rank_snapshots = gather_object([snapshot])
+        model_state, optimizer_state = full_state(raw_model, optimizer) if sharded else (None, None)
         accelerator.wait_for_everyone()
         path = None
         if accelerator.is_main_process:
-            path = save_checkpoint(run_dir, step, raw_model, optimizer, scheduler, data, cfg.keep_last, save_filter,
-                                   snapshot=snapshot, rank_snapshots=rank_snapshots)
+            if not sharded:
+                model_state, optimizer_state = raw_model.state_dict(), optimizer.state_dict()
+            path = save_checkpoint(run_dir, step, _select(model_state, save_filter), optimizer_state, scheduler, data,
+                                   cfg.keep_last, snapshot=snapshot, rank_snapshots=rank_snapshots, sharded=sharded)
         accelerator.wait_for_everyone()
         return path
 
@@ -511,7 +484,11 @@ def train(
                 batch = _to_device(batch, accelerator.device)
                 samples += _batch_size(batch)
                 last_micro = micro == cfg.grad_accum_steps - 1
-                sync = contextlib.nullcontext() if last_micro else accelerator.no_sync(prepared_model)
+                if sharded:
+                    prepared_model.set_requires_gradient_sync(last_micro)
+                    sync = contextlib.nullcontext()
+                else:
+                    sync = contextlib.nullcontext() if last_micro else accelerator.no_sync(prepared_model)
                 with sync:
                     with accelerator.autocast():
                         outputs = compute_losses(prepared_model, batch)
@@ -538,7 +515,9 @@ def train(
                 if cfg.clip_grad_norm > 0 and kernel_clipping:
                     grad_norms.append(clipped_step(optimizer, trainable, cfg.clip_grad_norm).detach())
                 else:
-                    if cfg.clip_grad_norm > 0:
+                    if cfg.clip_grad_norm > 0 and sharded:  # over every rank's shards
+                        grad_norms.append(full_norm(torch.nn.utils.clip_grad_norm_(trainable, cfg.clip_grad_norm)))
+                    elif cfg.clip_grad_norm > 0:
                         grad_norms.append(torch.as_tensor(
                             accelerator.clip_grad_norm_(trainable, cfg.clip_grad_norm)).detach())
                     optimizer.step()
@@ -568,9 +547,10 @@ def train(
         stop_request.restore()
     progress.close()
 
+    final_state = full_state(raw_model)[0] if sharded else None
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        final = export_state(raw_model) if export_state is not None else model_state_for_saving(raw_model, save_filter)
+        final = _select(final_state if sharded else raw_model.state_dict(), export_filter or save_filter)
         save_weights(final, run_dir / WEIGHTS_FILE)
         if plot and metrics_path.is_file():
             from vl.train.plot import plot_metrics

@@ -24,7 +24,6 @@ from vl.train.pretrain_config import VLPretrainConfig
 from vl.train.pretrainer import VLPretrainer, batch_plans, task_objectives
 
 
-
 def heldout_batches(maker: PretrainBatchMaker, sources: Sequence[str], batch_size: int, max_batches: int,
                     seed: int, prepared: bool = True) -> list[dict[str, Any]]:
     """Fixed evaluation batches from held-out sources: prepared for every objective (negatives and masking), or

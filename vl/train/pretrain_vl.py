@@ -40,11 +40,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from vl.config import atomic_write_text
 from region_features.ids import expand_shards
+from vl.config import atomic_write_text
 from vl.data.shards import FaultCounter, ShardStream, read_records
-from vl.data.vl_batches import PretrainBatchMaker, PretrainStream, TaskMixer
 from vl.data.tags import region_tagger
+from vl.data.vl_batches import PretrainBatchMaker, PretrainStream, TaskMixer
 from vl.errors import UserError
 from vl.fusion.base import FusionConfig
 from vl.fusion.pretraining import HeadsConfig, VLPretrainingModel, build_pretraining_model

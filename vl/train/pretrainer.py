@@ -16,7 +16,6 @@ from vl.objectives.itm import mine_hard_negatives
 from vl.train.pretrain_config import VLPretrainConfig
 
 
-
 class VLPretrainer(nn.Module):
     """The module the loop trains: ``forward(batch) -> {objective: loss}`` for the batch's ``task``.
 
