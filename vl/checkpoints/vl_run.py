@@ -84,6 +84,8 @@ def load_vl_run(run_dir: str | os.PathLike) -> VLPretrainingModel | BertPretrain
     run_dir = Path(run_dir)
     if detect_checkpoint_kind(run_dir) != VL_RUN_KIND:
         raise UserError(f"{run_dir} is not a run directory of this project (config.yaml + {WEIGHTS_FILE})")
+    if (run_dir / "quantization.json").is_file():
+        raise UserError(f"{run_dir} is an int8 run (quantization.json), for inference only; use its fp32 source")
     cfg, heads = read_model_config(run_dir)
     weights_path = run_dir / WEIGHTS_FILE
     state_dict = load_state_file(weights_path)

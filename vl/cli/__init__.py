@@ -14,6 +14,7 @@ from vl.errors import UserError
 
 # Each module's ``add_parser(subparsers)`` registers its subcommand(s) and sets ``func`` on its parser.
 # Imported explicitly, in the order ``vl --help`` lists them.
+from vl.cli import compress as _compress
 from vl.cli import convert as _convert
 from vl.cli import demo as _demo
 from vl.cli import evaluate as _evaluate
@@ -28,7 +29,7 @@ from vl.cli import vqa as _vqa
 from vl.cli import world as _world
 
 COMMAND_MODULES = [_tokenizer, _world, _convert, _pretrain_text, _finetune, _predict, _evaluate, _pretrain, _plot,
-                   _vqa, _serve, _demo]
+                   _vqa, _serve, _compress, _demo]
 
 
 class OneLineParser(argparse.ArgumentParser):

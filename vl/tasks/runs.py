@@ -19,6 +19,7 @@ from typing import Any
 
 from torch import nn
 
+from vl.compress.quantize import is_quantized, load_quantized
 from vl.config import ConfigError, load_config
 from vl.errors import UserError
 from vl.fusion.base import FusionConfig
@@ -116,6 +117,33 @@ def load_task_run(run_dir: str | os.PathLike, task: TaskFormat) -> tuple[nn.Modu
         raise UserError(f"--run {run_dir} has no model.safetensors (did its training finish?)")
     model = task.build(run)
     prepare_mode(model, run.finetune)
-    load_into(model, load_state_file(weights), weights)
+    if is_quantized(run_dir):
+        load_quantized(model, run_dir)
+    else:
+        load_into(model, load_state_file(weights), weights)
     model.eval()
     return model, run, Tokenizer.from_dir(run_dir)
+
+
+def task_formats() -> dict[str, TaskFormat]:
+    """Every vision-language task's run format, by task name."""
+    from vl.tasks.retrieval.model import RETRIEVAL_RUN
+    from vl.tasks.vqa.model import VQA_RUN
+
+    return {VQA_RUN.task: VQA_RUN, RETRIEVAL_RUN.task: RETRIEVAL_RUN}
+
+
+def load_any_task_run(run_dir: str | os.PathLike) -> tuple[nn.Module, TaskRun, Tokenizer]:
+    """``load_task_run`` with the format that ``config.yaml``'s ``task`` names."""
+    import yaml
+
+    config_path = Path(run_dir) / "config.yaml"
+    try:
+        task = (yaml.safe_load(config_path.read_text()) or {}).get("task")
+    except (OSError, yaml.YAMLError, AttributeError):
+        task = None
+    formats = task_formats()
+    if task not in formats:
+        raise UserError(f"{run_dir} is not a fine-tuned {' or '.join(formats)} run (its config.yaml names no such "
+                        "task)")
+    return load_task_run(run_dir, formats[task])

@@ -174,6 +174,9 @@ def load_init(init: str, model_cfg: FusionConfig | None) -> InitModel:
         init_text_from_hf_bert(model, directory)
         return InitModel(model, _tokenizer_in(directory), str(directory.resolve()), kind)
     if kind == VL_RUN_KIND:
+        if (directory / "quantization.json").is_file():
+            raise UserError(f"--init {init} is an int8 run (quantization.json), for inference only; start from its "
+                            "fp32 source")
         data = read_yaml(directory / "config.yaml")
         model_section = data.get("model")
         if not isinstance(model_section, dict) or "fusion" not in model_section:
