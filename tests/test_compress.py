@@ -28,7 +28,7 @@ def runs(world, tmp_path_factory):
     assert main(["finetune", "vqa", "--init", "scratch", "--config", str(CONFIGS / "finetune-vqa-tiny.yaml"),
                  "--train-questions", str(world.vqa_questions("train")),
                  "--train-annotations", str(world.vqa_annotations("train")),
-                 "--features", str(store), "--out", str(root / "vqa"), "--set", "train.steps=30",
+                 "--features", str(store), "--out", str(root / "vqa"), "--set", "train.steps=120",
                  "--set", "train.batch_size=16"]) == 0
     assert main(["quantize", str(root / "vqa"), "--out", str(root / "vqa-int8")]) == 0
     return root, store
@@ -52,21 +52,28 @@ def test_a_quantized_vqa_run_answers_like_its_source(world, runs, tmp_path, caps
         assert main(["predict", "vqa", "--run", str(root / name), "--questions", str(world.vqa_questions("val")),
                      "--features", str(store), "--out", str(out)]) == 0
         answers[name] = [row["answer"] for row in json.loads(out.read_text())]
+    assert len(set(answers["vqa"])) >= 2  # the source is not a constant answer
     agree = sum(a == b for a, b in zip(answers["vqa"], answers["vqa-int8"])) / len(answers["vqa"])
-    assert agree >= 0.9, agree  # int8 rounding flips only near-ties
+    assert agree >= 0.85, agree  # int8 rounding flips near-ties: 0.90 here, at width 32
     capsys.readouterr()
     assert main(["evaluate", "vqa", "--annotations", str(world.vqa_annotations("val")),
                  "--results", str(tmp_path / "vqa-int8.json")]) == 0
     assert capsys.readouterr().out.startswith("overall: ")
 
 
-def test_a_quantized_retrieval_run_evaluates(world, runs, tmp_path, capsys):
+@pytest.fixture(scope="module")
+def retrieval_run(world, runs):
     root, store = runs
     assert main(["finetune", "retrieval", "--init", "scratch", "--config",
                  str(CONFIGS / "finetune-retrieval-tiny.yaml"), "--karpathy", str(world.karpathy),
-                 "--features", str(store), "--out", str(tmp_path / "ret"), "--set", "train.steps=3",
+                 "--features", str(store), "--out", str(root / "ret"), "--set", "train.steps=40",
                  "--set", "train.batch_size=8"]) == 0
-    assert main(["quantize", str(tmp_path / "ret"), "--out", str(tmp_path / "ret-int8")]) == 0
+    return root / "ret"
+
+
+def test_a_quantized_retrieval_run_evaluates(world, runs, retrieval_run, tmp_path, capsys):
+    root, store = runs
+    assert main(["quantize", str(retrieval_run), "--out", str(tmp_path / "ret-int8")]) == 0
     capsys.readouterr()
     assert main(["evaluate", "retrieval", "--run", str(tmp_path / "ret-int8"), "--karpathy", str(world.karpathy),
                  "--split", "test", "--features", str(store), "--out", str(tmp_path / "rankings.json")]) == 0
@@ -124,3 +131,200 @@ def test_quantize_errors_name_the_input(world, runs, tmp_path, capsys):
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1, err
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+# ---- vl distill -------------------------------------------------------------------------------------------------
+
+def _vqa_model(config: str, overrides: tuple[str, ...] = (), seed: int = 0):
+    from vl.fusion import build_fusion
+    from vl.fusion.base import load_fusion_config
+    from vl.tasks.vqa.model import VqaModel
+
+    torch.manual_seed(seed)
+    return VqaModel(build_fusion(load_fusion_config(CONFIGS / config, list(overrides))), 7)
+
+
+@pytest.mark.parametrize("config, stacks, lists", [
+    ("uniter-tiny.yaml", ("text",), {"fusion.encoder.layers."}),
+    ("lxmert-tiny.yaml", ("text", "vision", "cross"),
+     {"fusion.text_layers.", "fusion.vision_layers.", "fusion.cross_layers."})])
+def test_a_half_depth_student_starts_from_every_other_teacher_layer(config, stacks, lists):
+    from vl.compress.distill import fewer_layers, init_from_teacher
+    from vl.fusion import build_fusion
+    from vl.tasks.vqa.model import VqaModel
+
+    deep = [f"model.{stack}.num_layers=4" for stack in stacks]
+    teacher = _vqa_model(config, tuple(deep))
+    student_cfg = fewer_layers(teacher.cfg, 0.5)
+    for stack in stacks:
+        assert getattr(student_cfg, stack).num_layers == 2
+    torch.manual_seed(1)
+    student = VqaModel(build_fusion(student_cfg), 7)
+    copied = init_from_teacher(student, teacher)
+    assert copied == len(student.state_dict())
+    teacher_state, student_state = teacher.state_dict(), student.state_dict()
+    layer_keys = [key for key in student_state if "layers.1." in key]
+    assert {key.split("1.")[0] for key in layer_keys} == lists
+    for key in layer_keys:  # student layer 1 is teacher layer 2; layer 0 is layer 0
+        torch.testing.assert_close(student_state[key], teacher_state[key.replace("layers.1.", "layers.2.")],
+                                   rtol=0, atol=0)
+        zero = key.replace("layers.1.", "layers.0.")
+        torch.testing.assert_close(student_state[zero], teacher_state[zero], rtol=0, atol=0)
+    for key in student_state:  # embeddings and heads come across unchanged
+        if "layers." not in key:
+            torch.testing.assert_close(student_state[key], teacher_state[key], rtol=0, atol=0)
+
+
+def test_a_student_of_another_width_cannot_take_the_teacher_layers():
+    from vl.compress.distill import init_from_teacher
+
+    teacher = _vqa_model("uniter-tiny.yaml")
+    wider = _vqa_model("uniter-tiny.yaml", ("model.text.hidden_size=64", "model.text.intermediate_size=128"))
+    with pytest.raises(UserError, match=r"the student's '.*' \(.*\) has no teacher tensor of that shape"):
+        init_from_teacher(wider, teacher)
+
+
+def test_soft_answer_loss_is_least_at_the_teachers_answers():
+    from vl.compress.losses import soft_answer_loss
+
+    teacher = 3 * torch.randn(4, 7)
+    assert soft_answer_loss(teacher, teacher, 2.0).abs() < 1e-5  # a divergence: 0 at the teacher
+    assert soft_answer_loss(teacher + 0.5 * torch.randn(4, 7), teacher, 2.0) > 1e-3
+    assert soft_answer_loss(torch.zeros(4, 7), teacher, 2.0) > soft_answer_loss(teacher / 2, teacher, 2.0) > 0
+
+
+def _distill(world, runs, out, *sets, config="distill-vqa-half.yaml"):
+    root, store = runs
+    return main(["distill", "--teacher", str(root / "vqa"), "--config", str(CONFIGS / config),
+                 "--train-questions", str(world.vqa_questions("train")),
+                 "--train-annotations", str(world.vqa_annotations("train")),
+                 "--features", str(store), "--out", str(out), "--set", "train.batch_size=16",
+                 *[part for value in sets for part in ("--set", value)]])
+
+
+def _answers(world, runs, run_dir, out):
+    _, store = runs
+    assert main(["predict", "vqa", "--run", str(run_dir), "--questions", str(world.vqa_questions("val")),
+                 "--features", str(store), "--out", str(out)]) == 0
+    return [row["answer"] for row in json.loads(out.read_text())]
+
+
+def _held_out_logits(world, runs, run_dir):
+    from vl.tasks.vqa.commands import question_inputs
+    from vl.tasks.vqa.model import answer_logits
+
+    _, store = runs
+    model, run, tokenizer = load_any_task_run(run_dir)
+    examples, collate = question_inputs(run, tokenizer, world.vqa_questions("val"), store)
+    return answer_logits(model, examples, collate, 64)
+
+
+def test_distillation_drives_the_student_toward_the_teacher(world, runs, tmp_path):
+    """A scratch student that learns from the teacher's soft answers alone (soft_weight 1) comes closer to the
+    teacher's answers on questions it never saw than the same student trained on the annotators' answers alone."""
+    from vl.compress.losses import soft_answer_loss
+    from vl.train.plot import read_metrics
+
+    root, _ = runs
+    teacher = _held_out_logits(world, runs, root / "vqa")
+    gaps = {}
+    for weight in ("1.0", "0.0"):
+        out = tmp_path / f"student-{weight}"
+        assert _distill(world, runs, out, "distill.init=scratch", f"distill.soft_weight={weight}",
+                        "train.steps=100", "train.log_every=10") == 0
+        losses = [row["distill"] for row in read_metrics(out / "metrics.jsonl") if "distill" in row]
+        assert len(losses) == 10 and all(loss >= 0 for loss in losses), losses
+        student = _held_out_logits(world, runs, out)
+        gaps[weight] = soft_answer_loss(student, teacher, 2.0).item()
+    # held-out KL from the teacher, measured 0.007 distilled vs 0.33 on the annotators alone (AMD EPYC, 1 thread);
+    # top-1 agreement is no measure here: the tiny teacher's two best answers are near ties on most questions
+    assert gaps["1.0"] < 0.2 * gaps["0.0"], gaps
+
+
+def test_a_distilled_student_is_an_ordinary_run(world, runs, tmp_path, capsys):
+    root, store = runs
+    out = tmp_path / "student"
+    capsys.readouterr()
+    assert _distill(world, runs, out, "train.steps=4") == 0
+    assert "(layers text 2->1)" in capsys.readouterr().out
+    info = json.loads((out / "distill.json").read_text())
+    assert info["teacher"] == str((root / "vqa").resolve()) and info["layers"]["text"] == {"teacher": 2, "student": 1}
+    model, run, _ = load_any_task_run(out)
+    assert run.model.text.num_layers == 1 and run.answers == load_any_task_run(root / "vqa")[1].answers
+    assert (out / "vocab.txt").read_text() == (root / "vqa" / "vocab.txt").read_text()
+    assert len(_answers(world, runs, out, tmp_path / "answers.json")) > 0
+    assert main(["quantize", str(out), "--out", str(tmp_path / "student-int8")]) == 0
+    assert main(["evaluate", "vqa", "--annotations", str(world.vqa_annotations("val")),
+                 "--results", str(tmp_path / "answers.json")]) == 0
+
+
+def test_distill_errors_name_the_input(world, runs, retrieval_run, tmp_path, capsys):
+    root, store = runs
+    other = tmp_path / "other.yaml"
+    other.write_text((CONFIGS / "distill-vqa-half.yaml").read_text() + f"model: {CONFIGS / 'lxmert-tiny.yaml'}\n")
+    base = ["--config", str(CONFIGS / "distill-vqa-half.yaml"), "--train-questions", str(world.vqa_questions("train")),
+            "--train-annotations", str(world.vqa_annotations("train")), "--features", str(store)]
+    for argv, message in (
+        (["distill", "--teacher", str(retrieval_run), *base, "--out", str(tmp_path / "a")],
+         "is a retrieval run: give --karpathy"),
+        (["distill", "--teacher", str(root / "vqa"), "--features", str(store), "--out", str(tmp_path / "e")],
+         "is a vqa run: give --train-questions and --train-annotations"),
+        (["distill", "--teacher", str(store), "--features", str(store), "--out", str(tmp_path / "f")],
+         "is not a fine-tuned run; vl distill takes a fine-tuned vqa, retrieval or classify run"),
+        (["distill", "--teacher", str(root / "vqa-int8"), *base, "--out", str(tmp_path / "b")], "is an int8 run"),
+        (["distill", "--teacher", str(root / "vqa"), *base, "--out", str(tmp_path / "c"),
+          "--val-questions", str(world.vqa_questions("val"))], "give both --val-questions and --val-annotations"),
+        (["distill", "--teacher", str(root / "vqa"), *base[:1], str(other), *base[2:], "--out", str(tmp_path / "d")],
+         "the student reads the teacher's inputs"),
+    ):
+        capsys.readouterr()
+        assert main(argv) != 0
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
+    for name in "abcdef":
+        assert not (tmp_path / name).exists()
+
+
+def test_a_retrieval_student_scores_toward_its_teacher_and_is_an_ordinary_run(world, runs, retrieval_run, tmp_path,
+                                                                            capsys):
+    """The retrieval student's distillation loss (similarity both ways and ITM rankings, against the teacher's) is 0
+    for the teacher itself and falls as the student trains; the student evaluates and quantizes as any run."""
+    import copy
+
+    from vl.train.plot import read_metrics
+
+    root, store = runs
+    teacher_dir = retrieval_run
+    teacher, _, _ = load_any_task_run(teacher_dir)
+    batch = _retrieval_batch(world, store, teacher_dir)
+    twin = copy.deepcopy(teacher).eval()  # no dropout: the same scores as the teacher
+    assert twin(batch, teacher=teacher.eval(), temperature=2.0)["distill"].abs() < 1e-4
+    out = tmp_path / "student"
+    capsys.readouterr()
+    assert main(["distill", "--teacher", str(teacher_dir), "--config", str(CONFIGS / "distill-retrieval-half.yaml"),
+                 "--karpathy", str(world.karpathy), "--features", str(store), "--out", str(out),
+                 "--set", "train.steps=40", "--set", "train.batch_size=8", "--set", "train.log_every=5",
+                 "--set", "distill.init=scratch", "--set", "distill.soft_weight=1.0"]) == 0
+    assert capsys.readouterr().out.startswith(f"distill retrieval: {out} at step 40 (layers text 2->1)")
+    losses = [row["distill"] for row in read_metrics(out / "metrics.jsonl") if "distill" in row]
+    assert len(losses) == 8 and sum(losses[-2:]) < 0.5 * sum(losses[:2]), losses
+    assert json.loads((out / "distill.json").read_text())["task"] == "retrieval"
+    assert main(["quantize", str(out), "--out", str(tmp_path / "student-int8")]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", "retrieval", "--run", str(tmp_path / "student-int8"), "--karpathy", str(world.karpathy),
+                 "--split", "test", "--features", str(store), "--out", str(tmp_path / "rankings.json")]) == 0
+    assert "text->image R@1 " in capsys.readouterr().out
+
+
+def _retrieval_batch(world, store, run_dir):
+    from vl.data.tags import region_tagger
+    from vl.tasks.retrieval.data import RetrievalCollator, RetrievalTrainData, load_split
+    from vl.tasks.vl_finetune import encode_texts, open_store
+
+    _, run, tokenizer = load_any_task_run(run_dir)
+    features = open_store(store)
+    split = load_split(world.karpathy, ["train"], features, require_features=False)
+    token_ids = encode_texts(tokenizer, split.texts, run.settings.max_text_len)
+    collate = RetrievalCollator(split, token_ids, features, run.model.region.feature_dim, run.settings.max_regions,
+                                tokenizer.pad_id, region_tagger(features, tokenizer, run.model))
+    return collate(RetrievalTrainData(split, token_ids, 0)(0)[:8])

@@ -22,6 +22,8 @@ from vl.text.tag import TASK as TAG
 from vl.text.tag import bio_chunks
 from vl.text.tokenizer import Tokenizer
 
+from support import CONFIGS
+
 COLORS = ("red", "green", "blue", "yellow")
 SHAPES = ("cube", "ball", "cone")
 
@@ -230,3 +232,40 @@ def test_commands_name_the_bad_input(data, tmp_path, capsys, args, message):
     assert main(["finetune", "classify", "--init", str(data / "base"), "--train", str(tmp_path / "bad.jsonl"),
                  "--out", str(run)]) == 2
     assert "bad.jsonl:2 is not valid JSON" in capsys.readouterr().err
+
+
+def test_a_distilled_classifier_student_answers_as_its_teacher(data, tmp_path, capsys):
+    """vl distill of a text classifier: the half-depth student starts from the teacher's layer 0 (of 2) and head,
+    so its class distribution starts near the teacher's (a scratch student's distillation loss is ~1.6 here) and
+    comes nearer; it answers as the teacher does, and is an ordinary classify run."""
+    from vl.train.plot import read_metrics
+
+    rows = [json.loads(line) for line in (data / "classify.jsonl").read_text().splitlines()]
+    path = tmp_path / "red.jsonl"  # does the sentence name red anywhere: learnt in 60 steps
+    path.write_text("".join(json.dumps({"text": row["text"], "label": "red" if "red" in row["text"].split()
+                                        else "other"}) + "\n" for row in rows))
+    teacher = tmp_path / "teacher"
+    assert main(["finetune", "classify", "--init", str(data / "base"), "--train", str(path), "--out", str(teacher),
+                 "--config", str(data / "ft.yaml"), "--set", "train.steps=60", "--set", "train.lr=3.0e-3"]) == 0
+    student = tmp_path / "student"
+    capsys.readouterr()
+    assert main(["distill", "--teacher", str(teacher), "--config", str(CONFIGS / "distill-text-half.yaml"),
+                 "--train", str(path), "--val", str(path), "--out", str(student), "--set", "finetune.epochs=0",
+                 "--set", "finetune.max_len=32", "--set", "train.steps=60", "--set", "train.batch_size=8",
+                 "--set", "train.lr=1.0e-3", "--set", "train.log_every=5", "--set", "distill.soft_weight=1.0"]) == 0
+    assert capsys.readouterr().out.startswith(f"distill classify: {student} at step 60 (layers text 2->1); val ")
+    losses = [row["distill"] for row in read_metrics(student / "metrics.jsonl") if "distill" in row]
+    assert len(losses) == 12 and losses[0] < 0.1 and sum(losses[-3:]) < sum(losses[:3]), losses
+    model, run, _ = load_finetuned(student, CLASSIFY)
+    assert run.model.num_layers == 1 and run.labels == load_finetuned(teacher, CLASSIFY)[1].labels
+    predictions = {}
+    for name, run_dir in (("teacher", teacher), ("student", student)):
+        out = tmp_path / f"{name}.jsonl"
+        assert main(["predict", "classify", "--run", str(run_dir), "--input", str(path), "--out", str(out)]) == 0
+        predictions[name] = [json.loads(line)["label"] for line in out.read_text().splitlines()]
+    assert len(set(predictions["teacher"])) == 2  # the teacher has learnt the task, not the majority class
+    agree = sum(a == b for a, b in zip(predictions["teacher"], predictions["student"])) / len(predictions["teacher"])
+    assert agree >= 0.95, agree
+    capsys.readouterr()
+    assert main(["distill", "--teacher", str(teacher), "--out", str(tmp_path / "x")]) != 0
+    assert "is a classify run: give --train" in capsys.readouterr().err

@@ -40,6 +40,7 @@ from vl.data.epochs import EpochBatchStream
 from vl.encoders.adapters import ScalarMix, add_adapters, freeze_all_but_adapters
 from vl.encoders.text import TextEncoder, TextEncoderConfig
 from vl.errors import UserError
+from vl.compress.losses import soft_choice_loss
 from vl.text.tokenizer import Tokenizer
 from vl.train.loop import TrainConfig, TrainResult, seed_everything, train
 
@@ -172,7 +173,11 @@ class TextTaskModel(nn.Module):
         return self.head(self.hidden(batch))
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return self.head.loss(self.outputs(batch), batch)
+        outputs = self.outputs(batch)
+        losses = self.head.loss(outputs, batch)
+        if "teacher_logits" in batch:  # distillation (vl.compress.distill): one class per input
+            losses["distill"] = soft_choice_loss(outputs, batch["teacher_logits"], batch["distill_temperature"])
+        return losses
 
     def trainable_names(self) -> set[str]:
         return {name for name, param in self.named_parameters() if param.requires_grad}
@@ -227,24 +232,32 @@ def _note(message: str) -> None:
 
 
 def finetune_text(task: TextTask, cfg: TextFinetuneConfig, init: str | os.PathLike, train_file: str | os.PathLike,
-                  val_file: str | os.PathLike | None, out: str | os.PathLike) -> tuple[TrainResult, dict[str, float]]:
+                  val_file: str | os.PathLike | None, out: str | os.PathLike, teacher: Any | None = None
+                  ) -> tuple[TrainResult, dict[str, float]]:
     """Fine-tune the checkpoint ``init`` on ``train_file``; evaluate on ``val_file``; write run directory ``out``.
+
+    teacher: a ``vl.compress.distill.Teacher`` (``init`` its run directory): train a new model of architecture
+    ``teacher.student`` on the teacher's soft labels as well, with its tokenizer and label set.
 
     Returns the training result and the validation metrics (also in ``out/val_metrics.json``).
     """
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} exists and is not a directory")
-    checkpoint = load_text_checkpoint(init)
-    tokenizer = checkpoint.tokenizer()
+    if teacher is None:
+        checkpoint = load_text_checkpoint(init)
+        tokenizer, model_cfg, weights_file = checkpoint.tokenizer(), checkpoint.cfg, checkpoint.weights_file
+    else:
+        checkpoint, tokenizer, model_cfg = None, Tokenizer.from_dir(teacher.run_dir), teacher.student
+        weights_file = teacher.run_dir / "model.safetensors"
     fcfg = cfg.finetune
-    if fcfg.max_len > checkpoint.cfg.max_position:
-        _note(f"finetune.max_len {fcfg.max_len} exceeds the model's max_position {checkpoint.cfg.max_position}; "
-              f"using {checkpoint.cfg.max_position}")
-        fcfg = dataclasses.replace(fcfg, max_len=checkpoint.cfg.max_position)
+    if fcfg.max_len > model_cfg.max_position:
+        _note(f"finetune.max_len {fcfg.max_len} exceeds the model's max_position {model_cfg.max_position}; "
+              f"using {model_cfg.max_position}")
+        fcfg = dataclasses.replace(fcfg, max_len=model_cfg.max_position)
     train_examples = task.read(train_file)
     val_examples = task.read(val_file) if val_file is not None else []
-    labels = task.labels(train_examples)
+    labels = teacher.answers if teacher is not None else task.labels(train_examples)
     train_features = task.featurize(train_examples, tokenizer, labels, fcfg, training=True)
     val_features = task.featurize(val_examples, tokenizer, labels, fcfg, training=False) if val_examples else []
     if not train_features:
@@ -255,14 +268,16 @@ def finetune_text(task: TextTask, cfg: TextFinetuneConfig, init: str | os.PathLi
         per_step = train_cfg.batch_size * train_cfg.grad_accum_steps
         steps = max(1, math.ceil(fcfg.epochs * len(train_features) / per_step))
         train_cfg = dataclasses.replace(train_cfg, steps=steps)
-    run = TextFinetuneRun(task=task.name, init=str(Path(init).resolve()),
-                          init_sha256=weights_sha256(checkpoint.weights_file), model=checkpoint.cfg,
-                          labels=tuple(labels), finetune=fcfg, train=train_cfg)
+    run = TextFinetuneRun(task=task.name, init=str(Path(init).resolve()), init_sha256=weights_sha256(weights_file),
+                          model=model_cfg, labels=tuple(labels), finetune=fcfg, train=train_cfg)
 
     out.mkdir(parents=True, exist_ok=True)
     tokenizer.save(out)
     seed_everything(train_cfg.seed)
-    model = build_task_model(task, checkpoint.cfg, len(labels), fcfg, checkpoint)
+    model = build_task_model(task, model_cfg, len(labels), fcfg, checkpoint)
+    compute_losses, loss_weights = None, None
+    if teacher is not None:
+        compute_losses, loss_weights = teacher.prepare(model, {"cls": 1.0}, labels)
     trainable = model.trainable_names()
     save_filter = (lambda key: key in trainable) if fcfg.mode == "adapters" else None
     stream = EpochBatchStream(lambda epoch: train_features, train_cfg.batch_size,
@@ -273,7 +288,8 @@ def finetune_text(task: TextTask, cfg: TextFinetuneConfig, init: str | os.PathLi
         return {f"val_{name}": value for name, value in metrics.items()}
 
     result = train(model, stream, train_cfg, out, run_config=run, save_filter=save_filter,
-                   evaluate=evaluate if val_features else None, desc=f"finetune {task.name}")
+                   evaluate=evaluate if val_features else None, loss_weights=loss_weights,
+                   compute_losses=compute_losses, desc=f"{'distill' if teacher else 'finetune'} {task.name}")
     metrics: dict[str, float] = {}
     if val_features:
         evaluated = [row for row in result.history if any(key.startswith("val_") for key in row)]

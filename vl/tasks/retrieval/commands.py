@@ -26,10 +26,14 @@ from vl.train.loop import TrainResult, seed_everything, train
 
 def finetune_retrieval(cfg: RetrievalFinetuneConfig, init: str, karpathy: str | os.PathLike,
                        features: str | os.PathLike, out: str | os.PathLike,
-                       tokenizer_dir: str | None = None) -> tuple[TrainResult, dict[str, Any]]:
+                       tokenizer_dir: str | None = None, teacher: Any | None = None
+                       ) -> tuple[TrainResult, dict[str, Any]]:
     """Fine-tune ``init`` for retrieval on the Karpathy ``retrieval.train_splits``; evaluate two-stage recall on
     ``retrieval.val_split``; write run directory ``out`` (resumed when it holds a checkpoint). Returns the training
-    result and the validation report (also in ``out/val_metrics.json``)."""
+    result and the validation report (also in ``out/val_metrics.json``).
+
+    teacher: a ``vl.compress.distill.Teacher``: train the student (``init`` scratch, ``cfg.model``) on its scores
+    as well, with its tokenizer."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} exists and is not a directory")
@@ -43,6 +47,8 @@ def finetune_retrieval(cfg: RetrievalFinetuneConfig, init: str, karpathy: str | 
             val_split = load_split(karpathy, rcfg.val_split, store, rcfg.val_max_images, require_features=False)
     seed_everything(cfg.train.seed)
     resumed_tokenizer = str(out) if (out / "vocab.txt").is_file() else None
+    if teacher is not None:
+        tokenizer_dir = str(teacher.run_dir)
     init_model, tokenizer = prepare_init(init, cfg.model, resumed_tokenizer or tokenizer_dir or cfg.tokenizer,
                                          list(train_split.texts))
     fusion = init_model.model.fusion
@@ -53,11 +59,17 @@ def finetune_retrieval(cfg: RetrievalFinetuneConfig, init: str, karpathy: str | 
     model = RetrievalModel(fusion, rcfg, init_model.model.heads.itm)
     if init_model.model.heads.itm is None:
         note(f"--init {init_model.source} has no ITM head; it starts fresh")
+    loss_weights, source = {"itm": rcfg.itm_weight, "contrastive": rcfg.contrastive_weight}, init_model.source
+    compute_losses = None
+    if teacher is not None:
+        compute_losses, loss_weights = teacher.prepare(model, loss_weights)
+        source = f"the teacher {teacher.run_dir}"
     trainable = apply_mode(model, cfg.finetune)
     token_ids = encode_texts(tokenizer, train_split.texts, rcfg.max_text_len)
     train_cfg = steps_for_epochs(cfg.train, rcfg.epochs, len(train_split.image_ids))
     run = TaskRun(task=TASK_NAME, model=fusion.cfg, heads=RetrievalModel.heads_config(), settings=rcfg,
-                  train=train_cfg, init=init_model.source, features=str(Path(features).resolve()),
+                  train=train_cfg, init=str(teacher.run_dir) if teacher is not None else init_model.source,
+                  features=str(Path(features).resolve()),
                   extra={"karpathy": str(Path(karpathy).resolve())}, finetune=cfg.finetune)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer.save(out)
@@ -81,13 +93,14 @@ def finetune_retrieval(cfg: RetrievalFinetuneConfig, init: str, karpathy: str | 
                     values[f"val_{method}_{short}_r{name[2:]}"] = value
         return values
 
-    note(f"finetune retrieval: {len(train_split.image_ids)} training images ({len(train_split.texts)} captions), "
+    verb = "distill" if teacher is not None else "finetune"
+    note(f"{verb} retrieval: {len(train_split.image_ids)} training images ({len(train_split.texts)} captions), "
          f"{len(val_split.image_ids) if val_split else 0} validation images, {train_cfg.steps} steps from "
-         f"{init_model.source}, mode {cfg.finetune.mode} "
+         f"{source}, mode {cfg.finetune.mode} "
          f"({sum(p.numel() for n, p in model.named_parameters() if n in trainable):,} trainable parameters)")
     result = train(model, stream, train_cfg, out, run_config=run.to_config(), evaluate=evaluate if val_split else None,
-                   loss_weights={"itm": rcfg.itm_weight, "contrastive": rcfg.contrastive_weight},
-                   desc="finetune retrieval")
+                   loss_weights=loss_weights, compute_losses=compute_losses,
+                   desc=f"{verb} retrieval")
     report: dict[str, Any] = {}
     if val_split is not None:
         report = validate(model)

@@ -13,6 +13,7 @@ from torch import nn
 from vl.fusion import build_fusion
 from vl.fusion.base import FusionConfig, VLOutput
 from vl.fusion.pretraining import HeadsConfig, VLHeads
+from vl.compress.losses import soft_choice_loss
 from vl.objectives.itm import hardest_wrong_pairs, pair_batch, sampled_wrong_pairs, score_all_pairs
 from vl.tasks.retrieval.config import TASK_NAME, RetrievalConfig
 from vl.tasks.runs import TaskFormat
@@ -131,44 +132,67 @@ class RetrievalModel(FinetuneModeMixin, nn.Module):
         return (logits[:, 1] - logits[:, 0]).float()  # (B,): as match_scores
 
     # training -------------------------------------------------------------------------------------------------
-    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def forward(self, batch: dict[str, torch.Tensor], teacher: RetrievalModel | None = None,
+                temperature: float = 1.0) -> dict[str, torch.Tensor]:
+        """With a ``teacher`` (``vl distill``), also ``distill``: the mean of the KL divergences, at
+        ``temperature``, of this model's in-batch similarity distributions (caption->images, image->captions) and
+        of its ITM rankings (each anchor's matched and mismatched pairs) from the teacher's on the same pairs."""
         inputs = {key: batch[key] for key in (*TEXT_KEYS, *REGION_KEYS) if key in batch}
         image_ids = batch.get("image_ids")
         text_emb, image_emb = self.embed_texts(inputs), self.embed_images(inputs)
         scale = self.contrastive.logit_scale
         contrastive, contrastive_acc = contrastive_loss(text_emb, image_emb, scale, image_ids)
         losses = {"contrastive": contrastive, "contrastive_acc": contrastive_acc, "temperature": (1.0 / scale).detach()}
-        losses.update(self._itm_losses(inputs, text_emb, image_emb, image_ids))
+        losses.update(self._itm_losses(inputs, text_emb, image_emb, image_ids, teacher, temperature))
+        if teacher is not None:
+            with torch.no_grad():
+                teacher_similarity = teacher.contrastive.logit_scale * (teacher.embed_texts(inputs)
+                                                                        @ teacher.embed_images(inputs).t())
+            similarity = scale * text_emb @ image_emb.t()
+            losses["distill"] = (soft_choice_loss(similarity, teacher_similarity, temperature)
+                                 + soft_choice_loss(similarity.t(), teacher_similarity.t(), temperature)
+                                 + 2 * losses.pop("itm_distill")) / 4
         return losses
 
     def _itm_losses(self, inputs: dict[str, torch.Tensor], text_emb: torch.Tensor, image_emb: torch.Tensor,
-                    image_ids: torch.Tensor | None) -> dict[str, torch.Tensor]:
+                    image_ids: torch.Tensor | None, teacher: RetrievalModel | None = None,
+                    temperature: float = 1.0) -> dict[str, torch.Tensor]:
         """UNITER's hard-negative ITM loss: per anchor (caption, and image), softmax cross-entropy of the matched
-        pair's score against its mismatched pairs' scores. ``itm_acc``: share of anchors whose matched pair wins."""
+        pair's score against its mismatched pairs' scores. ``itm_acc``: share of anchors whose matched pair wins.
+        With a ``teacher``, ``itm_distill``: the KL divergence of those rankings from the teacher's."""
         size, device = inputs["input_ids"].shape[0], inputs["input_ids"].device
         positives = torch.arange(size, device=device)
         groups = self._negatives(inputs, text_emb, image_emb, image_ids)  # [(anchor kind, (N, 2) pairs)]
         if not groups:  # a single image: nothing to rank against
             zero = self.heads.itm.weight.sum() * 0.0
-            return {"itm": zero, "itm_acc": torch.ones((), device=device)}
+            return {"itm": zero, "itm_acc": torch.ones((), device=device),
+                    **({"itm_distill": zero} if teacher is not None else {})}
         text_index = torch.cat([positives] + [pairs[:, 0] for _, pairs in groups])
         region_index = torch.cat([positives] + [pairs[:, 1] for _, pairs in groups])
-        scores = self.pair_scores(pair_batch(inputs, text_index, region_index))  # (B + N,)
-        positive_scores, offset = scores[:size], size
-        losses, wins = [], []
+        pairs_batch = pair_batch(inputs, text_index, region_index)
+        scores = self.pair_scores(pairs_batch)  # (B + N,)
+        teacher_scores = None
+        if teacher is not None:
+            with torch.no_grad():
+                teacher_scores = teacher.pair_scores(pairs_batch)
+        losses, wins, distilled = [], [], []
+        offset = size
         for anchor, pairs in groups:
-            negative_scores = scores[offset:offset + len(pairs)]
+            rows = torch.arange(offset, offset + len(pairs), device=device)
             offset += len(pairs)
             anchors = pairs[:, 0] if anchor == "text" else pairs[:, 1]
             counts = torch.bincount(anchors, minlength=size)
             slot = torch.arange(len(pairs), device=device) - (counts.cumsum(0) - counts)[anchors]
-            table = scores.new_full((size, int(counts.max()) + 1), float("-inf"))  # (B, 1 + k)
-            table[:, 0] = positive_scores
-            table[anchors, slot + 1] = negative_scores
-            ranked = table[counts > 0]
+            where = (anchors, counts, slot, rows)
+            ranked = _ranking(scores, *where)
             losses.append(F.cross_entropy(ranked, torch.zeros(len(ranked), dtype=torch.long, device=device)))
             wins.append((ranked.detach().argmax(dim=1) == 0).float())
-        return {"itm": torch.stack(losses).mean(), "itm_acc": torch.cat(wins).mean()}
+            if teacher_scores is not None:
+                distilled.append(soft_choice_loss(ranked, _ranking(teacher_scores, *where), temperature))
+        out = {"itm": torch.stack(losses).mean(), "itm_acc": torch.cat(wins).mean()}
+        if distilled:
+            out["itm_distill"] = torch.stack(distilled).mean()
+        return out
 
     def _negatives(self, inputs: dict[str, torch.Tensor], text_emb: torch.Tensor, image_emb: torch.Tensor,
                    image_ids: torch.Tensor | None) -> list[tuple[str, torch.Tensor]]:
@@ -198,6 +222,17 @@ class RetrievalModel(FinetuneModeMixin, nn.Module):
             if len(pairs):
                 groups.append((anchor, pairs))
         return groups
+
+
+def _ranking(scores: torch.Tensor, anchors: torch.Tensor, counts: torch.Tensor, slot: torch.Tensor,
+             rows: torch.Tensor) -> torch.Tensor:
+    """(anchors with negatives, 1 + k) pair scores: the matched pair's (``scores[:B]``) first, then the anchor's
+    mismatched pairs' (``scores[rows]``, at ``slot``), -inf where an anchor has fewer."""
+    size = counts.shape[0]
+    table = scores.new_full((size, int(counts.max()) + 1), float("-inf"))
+    table[:, 0] = scores[:size]
+    table[anchors, slot + 1] = scores[rows]
+    return table[counts > 0]
 
 
 RETRIEVAL_RUN = TaskFormat(task=TASK_NAME, title="retrieval", settings=RetrievalConfig,

@@ -16,6 +16,7 @@ from vl.data.formats import VqaAnnotation, check_questions_match, read_vqa_annot
 from vl.data.tags import region_tagger
 from vl.errors import UserError
 from vl.tasks.runs import TaskRun, load_task_run
+from vl.text.tokenizer import Tokenizer
 from vl.tasks.vl_finetune import (
     apply_mode,
     check_store,
@@ -47,8 +48,11 @@ def _store_box_selection(store: Any) -> dict[str, Any]:
 def finetune_vqa(cfg: VqaFinetuneConfig, init: str, train_questions: str | os.PathLike,
                  train_annotations: str | os.PathLike, val_questions: str | os.PathLike | None,
                  val_annotations: str | os.PathLike | None, features: str | os.PathLike, out: str | os.PathLike,
-                 tokenizer_dir: str | None = None) -> tuple[TrainResult, dict[str, Any]]:
+                 tokenizer_dir: str | None = None, teacher: Any | None = None) -> tuple[TrainResult, dict[str, Any]]:
     """Fine-tune ``init`` on VQA; evaluate on the val files (official accuracy); write run directory ``out``.
+
+    teacher: a ``vl.compress.distill.Teacher``: train the student (``init`` scratch, ``cfg.model``) on its soft
+    answers as well, with its answer vocabulary and tokenizer.
 
     Resumes when ``out`` holds a checkpoint (the vocabulary and tokenizer saved there are reused). Returns the
     training result and the validation metrics (``evaluate_vqa``'s, also in ``out/val_metrics.json``).
@@ -69,12 +73,15 @@ def finetune_vqa(cfg: VqaFinetuneConfig, init: str, train_questions: str | os.Pa
     store = open_store(features)
     vcfg = cfg.vqa
 
-    answers = saved_or_built_answers([out / ANSWERS_FILE], annotations, vcfg.min_answer_count, vcfg.answer_counting,
+    saved_answers = [out / ANSWERS_FILE] + ([teacher.run_dir / ANSWERS_FILE] if teacher is not None else [])
+    answers = saved_or_built_answers(saved_answers, annotations, vcfg.min_answer_count, vcfg.answer_counting,
                                      f"--train-annotations {train_annotations}", "vqa.min_answer_count")
     answer_index = {answer: index for index, answer in enumerate(answers)}
 
     seed_everything(cfg.train.seed)
     resumed_tokenizer = str(out) if (out / "vocab.txt").is_file() else None
+    if teacher is not None:
+        tokenizer_dir = str(teacher.run_dir)
     init_model, tokenizer = prepare_init(init, cfg.model, resumed_tokenizer or tokenizer_dir or cfg.tokenizer,
                                          [question.question for question in questions])
     fusion = init_model.model.fusion
@@ -94,9 +101,14 @@ def finetune_vqa(cfg: VqaFinetuneConfig, init: str, train_questions: str | os.Pa
 
     train_cfg = steps_for_epochs(cfg.train, vcfg.epochs, len(train_examples))
     model = VqaModel(fusion, len(answers))
+    compute_losses, loss_weights, source = None, {"vqa": 1.0}, init_model.source
+    if teacher is not None:
+        compute_losses, loss_weights = teacher.prepare(model, loss_weights, answers)
+        source = f"the teacher {teacher.run_dir}"
     trainable = apply_mode(model, cfg.finetune)
     run = TaskRun(task=TASK_NAME, model=fusion.cfg, heads=VqaModel.heads_config(len(answers)), settings=vcfg,
-                  train=train_cfg, init=init_model.source, features=str(Path(features).resolve()),
+                  train=train_cfg, init=str(teacher.run_dir) if teacher is not None else init_model.source,
+                  features=str(Path(features).resolve()),
                   extra={"box_selection": _store_box_selection(store)}, finetune=cfg.finetune)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer.save(out)
@@ -114,11 +126,13 @@ def finetune_vqa(cfg: VqaFinetuneConfig, init: str, train_questions: str | os.Pa
         return values
 
     share = f" ({vcfg.train_fraction:.0%} of them)" if vcfg.train_fraction < 1.0 else ""
-    note(f"finetune vqa: {len(answers)} answers, {len(train_examples)} training{share} and {len(val_examples)} "
-         f"validation questions, {train_cfg.steps} steps from {init_model.source}, mode {cfg.finetune.mode} "
+    verb = "distill" if teacher is not None else "finetune"
+    note(f"{verb} vqa: {len(answers)} answers, {len(train_examples)} training{share} and {len(val_examples)} "
+         f"validation questions, {train_cfg.steps} steps from {source}, mode {cfg.finetune.mode} "
          f"({sum(p.numel() for n, p in model.named_parameters() if n in trainable):,} trainable parameters)")
     result = train(model, stream, train_cfg, out, run_config=run.to_config(),
-                   evaluate=evaluate if val_examples else None, loss_weights={"vqa": 1.0}, desc="finetune vqa")
+                   evaluate=evaluate if val_examples else None, loss_weights=loss_weights,
+                   compute_losses=compute_losses, desc=f"{verb} vqa")
     metrics: dict[str, Any] = {}
     if val_examples:
         metrics = evaluate_examples(model, val_examples, val_gold, collate, answers, vcfg.eval_batch_size)
@@ -138,7 +152,18 @@ def predict_vqa(run_dir: str | os.PathLike, questions_path: str | os.PathLike, f
     """Answer every question of ``questions_path``; write the official results JSON to ``out``; returns the count.
     With ``shuffle_images`` (a seed), each question is answered on another image's regions (``shuffled_images``)."""
     model, run, tokenizer = load_task_run(run_dir, VQA_RUN)
-    answers = list(run.answers)
+    examples, collate = question_inputs(run, tokenizer, questions_path, features, shuffle_images)
+    logits = answer_logits(model, examples, collate, batch_size or run.settings.eval_batch_size)
+    results = results_json(examples, predicted_answers(logits, list(run.answers)))
+    atomic_write_text(out, json.dumps(results) + "\n")
+    return len(results)
+
+
+def question_inputs(run: TaskRun, tokenizer: Tokenizer, questions_path: str | os.PathLike,
+                    features: str | os.PathLike, shuffle_images: int | None = None
+                    ) -> tuple[list[VqaExample], VqaCollator]:
+    """A VQA run's examples of every question in ``questions_path`` and the collator that batches them from
+    ``features``; an image without features is an error naming both files."""
     questions = read_vqa_questions(questions_path)
     store = open_store(features)
     check_store(store, run.model)
@@ -149,12 +174,9 @@ def predict_vqa(run_dir: str | os.PathLike, questions_path: str | os.PathLike, f
     examples = vqa_examples(questions, tokenizer, run.settings.max_text_len)
     if shuffle_images is not None:
         examples = shuffled_images(examples, shuffle_images)
-    collate = VqaCollator(store, run.model.region.feature_dim, run.settings.max_regions, len(answers), tokenizer.pad_id,
-                          region_tagger(store, tokenizer, run.model))
-    logits = answer_logits(model, examples, collate, batch_size or run.settings.eval_batch_size)
-    results = results_json(examples, predicted_answers(logits, answers))
-    atomic_write_text(out, json.dumps(results) + "\n")
-    return len(results)
+    collate = VqaCollator(store, run.model.region.feature_dim, run.settings.max_regions, len(run.answers),
+                          tokenizer.pad_id, region_tagger(store, tokenizer, run.model))
+    return examples, collate
 
 
 def evaluate_vqa_files(annotations_path: str | os.PathLike, results_path: str | os.PathLike) -> dict[str, Any]:

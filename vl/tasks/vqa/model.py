@@ -16,6 +16,7 @@ from vl.errors import UserError
 from vl.fusion import build_fusion
 from vl.fusion.base import FusionConfig
 from vl.fusion.pretraining import HeadsConfig, VLHeads
+from vl.compress.losses import soft_answer_loss
 from vl.progress import progress_bar
 from vl.tasks.runs import TaskFormat, TaskRun
 from vl.tasks.vl_finetune import FinetuneModeMixin, model_device, to_device
@@ -56,7 +57,10 @@ class VqaModel(FinetuneModeMixin, nn.Module):
         targets = batch["answer_targets"].float()
         loss = F.binary_cross_entropy_with_logits(logits, targets) * targets.shape[1]
         picked = targets.gather(1, logits.detach().argmax(dim=1, keepdim=True)).mean()
-        return {"vqa": loss, "vqa_score": picked}
+        outputs = {"vqa": loss, "vqa_score": picked}
+        if "teacher_logits" in batch:  # distillation (vl.compress.distill)
+            outputs["distill"] = soft_answer_loss(logits, batch["teacher_logits"], batch["distill_temperature"])
+        return outputs
 
 
 @torch.no_grad()
