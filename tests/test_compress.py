@@ -256,6 +256,12 @@ def test_a_distilled_student_is_an_ordinary_run(world, runs, tmp_path, capsys):
     assert main(["quantize", str(out), "--out", str(tmp_path / "student-int8")]) == 0
     assert main(["evaluate", "vqa", "--annotations", str(world.vqa_annotations("val")),
                  "--results", str(tmp_path / "answers.json")]) == 0
+    said = []  # vl convert treats the student as its teacher (this UNITER-tiny VQA pair has no HF format)
+    for run_dir in (root / "vqa", out):
+        capsys.readouterr()
+        main(["convert", str(run_dir), "--to-hf", str(tmp_path / f"hf-{run_dir.name}")])
+        said.append(capsys.readouterr().err)
+    assert said[0] == said[1] and said[0].startswith("vl convert: error: cannot export as Hugging Face"), said
 
 
 def test_distill_errors_name_the_input(world, runs, retrieval_run, tmp_path, capsys):
