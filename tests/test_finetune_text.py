@@ -237,7 +237,8 @@ def test_commands_name_the_bad_input(data, tmp_path, capsys, args, message):
 def test_a_distilled_classifier_student_answers_as_its_teacher(data, tmp_path, capsys):
     """vl distill of a text classifier: the half-depth student starts from the teacher's layer 0 (of 2) and head,
     so its class distribution starts near the teacher's (a scratch student's distillation loss is ~1.6 here) and
-    comes nearer; it answers as the teacher does, and is an ordinary classify run."""
+    comes nearer, as do its last hidden states (distill.hidden_weight); it answers as the teacher does, and is an
+    ordinary classify run."""
     from vl.train.plot import read_metrics
 
     rows = [json.loads(line) for line in (data / "classify.jsonl").read_text().splitlines()]
@@ -252,10 +253,13 @@ def test_a_distilled_classifier_student_answers_as_its_teacher(data, tmp_path, c
     assert main(["distill", "--teacher", str(teacher), "--config", str(CONFIGS / "distill-text-half.yaml"),
                  "--train", str(path), "--val", str(path), "--out", str(student), "--set", "finetune.epochs=0",
                  "--set", "finetune.max_len=32", "--set", "train.steps=60", "--set", "train.batch_size=8",
-                 "--set", "train.lr=1.0e-3", "--set", "train.log_every=5", "--set", "distill.soft_weight=1.0"]) == 0
+                 "--set", "train.lr=1.0e-3", "--set", "train.log_every=5", "--set", "distill.soft_weight=1.0",
+                 "--set", "distill.hidden_weight=1.0"]) == 0
     assert capsys.readouterr().out.startswith(f"distill classify: {student} at step 60 (layers text 2->1); val ")
-    losses = [row["distill"] for row in read_metrics(student / "metrics.jsonl") if "distill" in row]
+    rows = [row for row in read_metrics(student / "metrics.jsonl") if "distill" in row]
+    losses, hidden = [row["distill"] for row in rows], [row["hidden"] for row in rows]
     assert len(losses) == 12 and losses[0] < 0.1 and sum(losses[-3:]) < sum(losses[:3]), losses
+    assert sum(hidden[-3:]) < sum(hidden[:3]), hidden  # TinyBERT's last-hidden-state MSE, toward the teacher's
     model, run, _ = load_finetuned(student, CLASSIFY)
     assert run.model.num_layers == 1 and run.labels == load_finetuned(teacher, CLASSIFY)[1].labels
     predictions = {}

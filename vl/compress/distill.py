@@ -13,7 +13,9 @@ labels, region features, tags).
 - Loss: (1 - soft_weight) * the task's own losses + soft_weight * ``distill``, a KL divergence of the student's
   scores from the teacher's at temperature tau (``vl.compress.losses``): VQA's answer probabilities; for
   retrieval, the in-batch similarity distributions both ways and the ITM ranking of each anchor's pairs; a
-  classifier's class distribution.
+  classifier's class distribution. With ``distill.hidden_weight`` (TinyBERT's hidden-state loss; VQA and
+  classification, at the teacher's widths), also that weight * the MSE between the student's last hidden states
+  and the teacher's at every real position of each stream.
 
 The result is an ordinary run of the task (``distill.json`` records the teacher): predict, evaluate, serve, quantize
 and convert accept it.
@@ -26,6 +28,7 @@ import json
 import math
 import re
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -52,6 +55,7 @@ class DistillConfig:
     soft_weight: float = 0.5  # share of the loss from the teacher's soft answers; the rest is the annotators'
     layer_fraction: float = 0.5  # without model:, the student keeps this share of each of the teacher's layer stacks
     init: Literal["teacher_layers", "scratch"] = "teacher_layers"  # DistilBERT: start from every other teacher layer
+    hidden_weight: float = 0.0  # TinyBERT: weight of the MSE between the student's last hidden states and the teacher's
 
     def __post_init__(self):
         if self.temperature <= 0:
@@ -62,6 +66,8 @@ class DistillConfig:
             raise ValueError(f"layer_fraction must be in (0, 1], got {self.layer_fraction}")
         if self.init not in ("teacher_layers", "scratch"):
             raise ValueError(f"init must be teacher_layers or scratch, got {self.init!r}")
+        if self.hidden_weight < 0:
+            raise ValueError(f"hidden_weight must be >= 0, got {self.hidden_weight}")
 
 
 @dataclass(frozen=True)
@@ -153,9 +159,41 @@ def init_from_teacher(student: nn.Module, teacher: nn.Module) -> int:
     return len(copied)
 
 
-def distill_losses(task: str, teacher: nn.Module, temperature: float
+def _encoder(model: nn.Module, task: str) -> nn.Module:
+    """The module whose output holds ``model``'s last hidden states (under DDP, of the wrapped model)."""
+    model = getattr(model, "module", model)
+    return model.text_encoder if task == "classify" else model.fusion
+
+
+@contextmanager
+def _recorded(model: nn.Module, task: str, into: list | None):
+    """Append each output of ``model``'s encoder to ``into`` while inside (nothing when ``into`` is None)."""
+    handle = None if into is None else _encoder(model, task).register_forward_hook(
+        lambda _module, _inputs, output: into.append(output))
+    try:
+        yield
+    finally:
+        if handle is not None:
+            handle.remove()
+
+
+def _state_pairs(task: str, student: Any, teacher: Any, batch: Mapping[str, Any]) -> list[tuple]:
+    """(student, teacher, real-position mask) of each stream's last hidden states: text, tags, regions."""
+    if task == "classify":
+        return [(student.hidden, teacher.hidden, batch.get("attention_mask"))]
+    pairs = [(student.text_hidden, teacher.text_hidden, batch.get("attention_mask")),
+             (student.region_hidden, teacher.region_hidden, batch.get("region_mask"))]
+    if student.tag_hidden is not None and teacher.tag_hidden is not None:
+        pairs.append((student.tag_hidden, teacher.tag_hidden, batch.get("region_mask")))
+    return pairs
+
+
+def distill_losses(task: str, teacher: nn.Module, temperature: float, hidden: bool = False
                    ) -> Callable[[nn.Module, Mapping[str, Any]], dict]:
-    """The training loop's ``compute_losses`` for a ``task`` student: its usual outputs plus ``distill``."""
+    """The training loop's ``compute_losses`` for a ``task`` student: its usual outputs plus ``distill`` (and,
+    with ``hidden``, ``hidden``: ``hidden_state_loss`` of the two models' last hidden states on the batch)."""
+    from vl.compress.losses import hidden_state_loss
+
     teacher.eval()
     teacher.requires_grad_(False)
 
@@ -165,11 +203,21 @@ def distill_losses(task: str, teacher: nn.Module, temperature: float
             teacher.to(device)
         if task == "retrieval":  # the student scores the teacher on its own pairs
             return student(batch, teacher=teacher, temperature=temperature)
-        with torch.no_grad():
+        student_states, teacher_states = ([], []) if hidden else (None, None)
+        with torch.no_grad(), _recorded(teacher, task, teacher_states):
             teacher_logits = teacher.outputs(batch) if task == "classify" else teacher.logits(batch)
-        return student({**batch, "teacher_logits": teacher_logits, "distill_temperature": temperature})
+        with _recorded(student, task, student_states):
+            losses = student({**batch, "teacher_logits": teacher_logits, "distill_temperature": temperature})
+        if hidden:
+            losses["hidden"] = hidden_state_loss(_state_pairs(task, student_states[-1], teacher_states[-1], batch))
+        return losses
 
     return compute
+
+
+def _widths(model: nn.Module, task: str) -> tuple[int, ...]:
+    cfg = model.cfg
+    return (cfg.hidden_size,) if task == "classify" else (cfg.text_hidden_size, cfg.region_hidden_size)
 
 
 @dataclass
@@ -190,11 +238,21 @@ class Teacher:
         own, ``task_weights``, scaled by 1 - soft_weight, and ``distill``)."""
         if tuple(answers) != self.answers:
             raise UserError(f"the student's answers or labels differ from the teacher {self.run_dir}'s")
+        hidden = self.cfg.hidden_weight > 0
+        if hidden and self.task == "retrieval":
+            raise UserError("distill.hidden_weight is for VQA and classification teachers: a retrieval student "
+                            "scores pairs the teacher does not encode")
+        if hidden and _widths(student, self.task) != _widths(self.model, self.task):
+            raise UserError(f"distill.hidden_weight needs the teacher's hidden sizes {_widths(self.model, self.task)}"
+                            f" in the student, which has {_widths(student, self.task)}")
         if self.cfg.init == "teacher_layers":
             init_from_teacher(student, self.model)
         weight = self.cfg.soft_weight
         weights = {name: (1.0 - weight) * value for name, value in task_weights.items()}
-        return distill_losses(self.task, self.model, self.cfg.temperature), {**weights, "distill": weight}
+        weights["distill"] = weight
+        if hidden:
+            weights["hidden"] = self.cfg.hidden_weight
+        return distill_losses(self.task, self.model, self.cfg.temperature, hidden), weights
 
 
 def _teacher_task(teacher_dir: str) -> str | None:

@@ -31,3 +31,17 @@ def soft_choice_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
     student_log = student.log_softmax(dim=-1)
     terms = torch.where(present, teacher_log.exp() * (teacher_log - student_log), torch.zeros_like(teacher))
     return terms.sum(dim=-1).mean() * temperature ** 2
+
+
+def hidden_state_loss(pairs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]) -> torch.Tensor:
+    """TinyBERT's hidden-state loss: for each (student, teacher, mask) of (B, N, H) states and a (B, N) mask of the
+    real positions (None: all), the mean squared error over the real positions; the mean over the pairs."""
+    losses = []
+    for student, teacher, mask in pairs:
+        error = (student.float() - teacher.float()).pow(2).mean(dim=-1)  # (B, N)
+        if mask is None:
+            losses.append(error.mean())
+        else:
+            weights = mask.to(error.dtype)
+            losses.append((error * weights).sum() / weights.sum().clamp_min(1.0))
+    return torch.stack(losses).mean()
