@@ -26,6 +26,7 @@ architecture, answers/s and ms per question of each kind and their speed-ups.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import sys
@@ -123,7 +124,7 @@ def time_architecture(config: str, batch_size: int, repeats: int, num_answers: i
     cfg = load_fusion_config(ROOT / "configs" / config)
     torch.manual_seed(0)
     models = {"fp32": VqaModel(build_fusion(cfg), num_answers).eval()}
-    models["int8"] = quantize_dynamic(models["fp32"])
+    models["int8"] = quantize_dynamic(copy.deepcopy(models["fp32"]))  # quantize_dynamic works in place
     models["student"] = VqaModel(build_fusion(fewer_layers(cfg, 0.5)), num_answers).eval()
     batches = {size: synthetic_batch(cfg, size, 20, 36) for size in (batch_size, 1)}
     out: dict[str, dict] = {}

@@ -115,3 +115,30 @@ def test_sigkill_at_random_moments_then_relaunch_continues_exactly(tmp_path):
         pytest.fail("the killed run never completed")
     assert kills >= 3
     assert _losses(killed) == _losses(straight)  # every step once, with the uninterrupted run's loss
+
+
+def test_a_plot_that_fails_while_written_leaves_the_old_one(tmp_path):
+    """The demo's plots go through a temporary name: a write that dies halfway leaves the previous plot whole."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from vl.demo.report import atomic_savefig
+
+    out = tmp_path / "plot.png"
+    fig = plt.figure()
+    fig.gca().plot([0, 1])
+    atomic_savefig(fig, out)
+    plt.close(fig)
+    old = out.read_bytes()
+    assert old.startswith(b"\x89PNG")
+
+    class DiesHalfway:
+        def savefig(self, path, **options):
+            Path(path).write_bytes(old[: len(old) // 2])
+            raise OSError("No space left on device")
+
+    with pytest.raises(OSError, match="No space"):
+        atomic_savefig(DiesHalfway(), out)
+    assert out.read_bytes() == old and sorted(tmp_path.iterdir()) == [out]
