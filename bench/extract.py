@@ -9,7 +9,9 @@ downloaded) and the same batch size:
   ``vl-regions extract`` runs per batch (``region_features.extract.extract_batch``): a fixed K boxes per image with
   their features, class distributions and attributes, turned into fp16 store records. Levers: bf16 autocast
   (AVX-512 bf16 / AMX), channels-last convolutions, batch norms folded into the convolutions, inference mode, 300
-  proposals (bottom-up attention's count), no mask/keypoint work.
+  proposals (bottom-up attention's count), no mask/keypoint work;
+- bottom-up attention's own layout (``configs/detector-butd-r101.yaml``: ResNet-101 C4, res5 on each of 300
+  proposals, 1,600 classes and 400 attributes) through the same code path as ours.
 
 Images are made at the model's input size (``--size`` shorter side, 4:3), so neither side spends time resizing.
 Achieved GFLOP/s counts each side's convolutions and matmuls (``torch.utils.flop_counter``) over its measured time,
@@ -132,15 +134,25 @@ def main(argv: list[str] | None = None) -> dict:
 
     sample_batches = [samples_of(batch) for batch in batches]
 
-    def run_ours(samples, mode=precision):
-        records = extract_batch(ours, samples, selection, None, mode, problems)
-        assert all(record["features"].shape == (args.num_boxes, ours.feature_dim) for record in records)
+    def run_ours(samples, mode=precision, model=ours):
+        records = extract_batch(model, samples, selection, None, mode, problems)
+        assert all(record["features"].shape == (args.num_boxes, model.feature_dim) for record in records)
         return records
+
+    # bottom-up attention's own layout: ResNet-101 C4, 1,600 classes and 400 attributes (Visual Genome)
+    butd = read_detector_config(ROOT / "configs" / "detector-butd-r101.yaml")
+    c4 = RegionDetector(dataclasses.replace(butd, num_classes=1600, num_attributes=400, min_size=args.size,
+                                            max_size=max_size)).eval().fold_batch_norms().use_channels_last()
+
+    def run_c4(samples, mode=precision):
+        return run_ours(samples, mode, c4)
 
     stock_seconds = time_batches(run_stock, batches, args.repeats)
     ours_seconds = time_batches(run_ours, sample_batches, args.repeats)
+    c4_seconds = time_batches(run_c4, sample_batches, args.repeats)
     stock_flops = sum(count_flops(run_stock, batch) for batch in batches)
     ours_flops = sum(count_flops(lambda s: run_ours(s, "fp32"), samples) for samples in sample_batches)
+    c4_flops = sum(count_flops(lambda s: run_c4(s, "fp32"), samples) for samples in sample_batches)
     peak_fp32 = matmul_peak(torch.float32)
     peak_bf16 = matmul_peak(torch.bfloat16) if bf16_native() else None
     ours_peak = peak_bf16 if precision == "bf16" and peak_bf16 else peak_fp32
@@ -166,9 +178,14 @@ def main(argv: list[str] | None = None) -> dict:
         "peak_bf16_gflop_per_s": round(peak_bf16, 1) if peak_bf16 else None,
         "stock_fraction_of_fp32_peak": round(stock_flops / stock_seconds / 1e9 / peak_fp32, 3),
         "ours_fraction_of_peak": round(ours_flops / ours_seconds / 1e9 / ours_peak, 3),
+        "c4_images_per_s": round(len(images) / c4_seconds, 3),
+        "c4_vs_stock": round(stock_seconds / c4_seconds, 3),
+        "c4_gflop_per_image": round(c4_flops / len(images) / 1e9, 2),
+        "c4_fraction_of_peak": round(c4_flops / c4_seconds / 1e9 / ours_peak, 3),
     }
     print(f"stock torchvision: {stock_ips:.2f} images/s; ours ({precision}, features included): {ours_ips:.2f} "
-          f"images/s; {result['speedup']}x", file=sys.stderr)
+          f"images/s; {result['speedup']}x; bottom-up attention's ResNet-101 C4: {result['c4_images_per_s']:.2f} "
+          f"images/s", file=sys.stderr)
     print(json.dumps({**result, **machine_info()}))
     return result
 

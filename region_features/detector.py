@@ -1,5 +1,6 @@
 """A bottom-up-attention-style Faster R-CNN: a ``timm`` backbone with torchvision's FPN, RPN and RoI heads, plus an
-attribute head conditioned on the object class.
+attribute head conditioned on the object class; or (``architecture: c4``) bottom-up attention's own ResNet-101 C4
+layout, with the RPN and RoI pooling on res4 and res5 as the box head (``region_features.c4``).
 
 Contract (torchvision's, see ``torchvision.models.detection.faster_rcnn``):
 - input: a list of float images (3, H, W) in [0, 1], any sizes;
@@ -28,7 +29,7 @@ import math
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -60,7 +61,14 @@ TORCHVISION_R50_FPN = "torchvision-fasterrcnn_resnet50_fpn"
 class DetectorConfig:
     """The detector's architecture and its inference settings. Derived sizes live on ``RegionDetector``."""
 
-    backbone: str = "resnet18"  # a timm model name (features_only), or "torchvision-fasterrcnn_resnet50_fpn"
+    # "fpn": a timm or torchvision backbone under an FPN; "c4": bottom-up attention's ResNet, RPN and RoI pooling on
+    # res4 and res5 as the box head (region_features.c4)
+    architecture: Literal["fpn", "c4"] = "fpn"
+    backbone: str = "resnet18"  # fpn: a timm model name (features_only), or "torchvision-fasterrcnn_resnet50_fpn"
+    c4_blocks: tuple[int, int, int, int] = (3, 4, 23, 3)  # c4: bottlenecks in res2..res5 (ResNet-101)
+    c4_stem_width: int = 64  # c4: stem channels; res4 has 16x, the region feature 32x (2048)
+    stride_in_1x1: bool = True  # c4: Caffe's bottleneck, the stride in its first 1x1 convolution
+    channel_order: Literal["rgb", "bgr"] = "rgb"  # the channel order the backbone reads (Caffe weights: bgr)
     backbone_args: dict[str, Any] = field(default_factory=dict)  # timm model arguments, e.g. {channels: [32, 64]}
     weights_path: str | None = None  # local weights: a torchvision Faster R-CNN state dict, or timm backbone weights
     pretrained: bool = False  # timm's downloadable weights: never (no network); use weights_path instead
@@ -104,6 +112,20 @@ class DetectorConfig:
             raise ValueError("detector.num_classes and detector.num_attributes must be >= 0")
         if self.min_size <= 0 or self.max_size <= 0 or any(s <= 0 for s in self.train_min_sizes):
             raise ValueError("detector image sizes must be positive")
+        if self.architecture not in ("fpn", "c4"):
+            raise ValueError(f"detector.architecture must be fpn or c4, got {self.architecture!r}")
+        if self.channel_order not in ("rgb", "bgr"):
+            raise ValueError(f"detector.channel_order must be rgb or bgr, got {self.channel_order!r}")
+        if self.architecture == "c4":
+            if len(self.c4_blocks) != 4 or min(self.c4_blocks) < 1 or self.c4_stem_width < 1:
+                raise ValueError("detector.c4_blocks needs 4 positive block counts (res2..res5) and c4_stem_width "
+                                 f"a positive width, got {list(self.c4_blocks)} and {self.c4_stem_width}")
+            if self.box_head_convs or self.box_head_fc_norm or self.representation_size:
+                raise ValueError("detector.box_head_convs, box_head_fc_norm and representation_size are the fpn "
+                                 "box head's: the c4 box head is res5")
+            if not self.anchor_sizes:
+                raise ValueError("detector.anchor_sizes needs at least one size")
+            return
         levels = 5 if self.is_torchvision else len(self.out_indices) + 1
         if len(self.anchor_sizes) != levels:
             raise ValueError(
@@ -113,7 +135,7 @@ class DetectorConfig:
 
     @property
     def is_torchvision(self) -> bool:
-        return self.backbone == TORCHVISION_R50_FPN
+        return self.architecture == "fpn" and self.backbone == TORCHVISION_R50_FPN
 
     @property
     def has_attributes(self) -> bool:
@@ -194,11 +216,16 @@ def _torchvision_r50_fpn_backbone() -> BackboneWithFPN:
 
 
 class _MultiScaleTransform(GeneralizedRCNNTransform):
-    """torchvision's transform, with the training-time shorter side drawn from ``train_min_sizes``."""
+    """torchvision's transform, with the training-time shorter side drawn from ``train_min_sizes``, and the channels
+    reversed before normalising when the backbone reads BGR (``bgr``)."""
 
-    def __init__(self, train_min_sizes: tuple[int, ...], *args, **kwargs) -> None:
+    def __init__(self, train_min_sizes: tuple[int, ...], *args, bgr: bool = False, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.train_min_sizes = list(train_min_sizes)
+        self.bgr = bgr
+
+    def normalize(self, image: Tensor) -> Tensor:
+        return super().normalize(image.flip(-3) if self.bgr else image)
 
     def torch_choice(self, k: list[int]) -> int:
         return super().torch_choice(self.train_min_sizes or k)
@@ -226,7 +253,13 @@ class RegionDetector(GeneralizedRCNN):
         if cfg.num_classes < 1:
             raise UserError("detector.num_classes must be >= 1 (it is set from the training categories)")
         initial_state = _read_state_dict(Path(cfg.weights_path)) if cfg.weights_path is not None else None
-        if cfg.is_torchvision:
+        if cfg.architecture == "c4":
+            from region_features.c4 import C4Backbone
+
+            backbone = C4Backbone(cfg.c4_blocks, cfg.c4_stem_width, stride_in_1x1=cfg.stride_in_1x1,
+                                  frozen_bn=cfg.frozen_bn)
+            representation_size = backbone.width
+        elif cfg.is_torchvision:
             if cfg.box_head_convs or cfg.box_head_fc_norm:
                 raise UserError("detector.box_head_convs and box_head_fc_norm need a timm backbone: the torchvision "
                                 "backbone keeps its MLP head")
@@ -237,10 +270,12 @@ class RegionDetector(GeneralizedRCNN):
                 cfg.backbone, cfg.out_indices, cfg.fpn_channels, cfg.frozen_bn, cfg.backbone_args
             )
             representation_size = cfg.representation_size or backbone.width
-        levels = len(backbone.featmap_names) + 1
-        anchor_generator = AnchorGenerator(
-            sizes=tuple((size,) for size in cfg.anchor_sizes), aspect_ratios=(tuple(cfg.aspect_ratios),) * levels
-        )
+        if cfg.architecture == "c4":  # every anchor size on the one res4 map
+            anchor_generator = AnchorGenerator(sizes=(tuple(cfg.anchor_sizes),),
+                                               aspect_ratios=(tuple(cfg.aspect_ratios),))
+        else:  # one size per FPN level
+            anchor_generator = AnchorGenerator(sizes=tuple((size,) for size in cfg.anchor_sizes),
+                                               aspect_ratios=(tuple(cfg.aspect_ratios),) * len(cfg.anchor_sizes))
         rpn = RegionProposalNetwork(
             anchor_generator,
             Float32RPNHead(backbone.out_channels, anchor_generator.num_anchors_per_location()[0]),
@@ -255,7 +290,12 @@ class RegionDetector(GeneralizedRCNN):
         box_roi_pool = ParallelRoIAlign(
             backbone.featmap_names, output_size=cfg.roi_output_size, sampling_ratio=cfg.roi_sampling_ratio
         )
-        if cfg.box_head_convs:
+        if cfg.architecture == "c4":
+            from region_features.c4 import Res5Head
+
+            box_head = Res5Head(cfg.c4_blocks[3], cfg.c4_stem_width, stride_in_1x1=cfg.stride_in_1x1,
+                                frozen_bn=cfg.frozen_bn)
+        elif cfg.box_head_convs:
             box_head = FastRCNNConvFCHead(
                 (backbone.out_channels, cfg.roi_output_size, cfg.roi_output_size),
                 [backbone.out_channels] * cfg.box_head_convs,
@@ -288,7 +328,8 @@ class RegionDetector(GeneralizedRCNN):
             attr_loss_backbone=cfg.attr_loss_backbone,
         )
         transform = _MultiScaleTransform(
-            cfg.train_min_sizes, cfg.min_size, cfg.max_size, list(cfg.image_mean), list(cfg.image_std)
+            cfg.train_min_sizes, cfg.min_size, cfg.max_size, list(cfg.image_mean), list(cfg.image_std),
+            bgr=cfg.channel_order == "bgr",
         )
         super().__init__(backbone, rpn, roi_heads, transform)
         self.cfg = cfg
@@ -322,10 +363,12 @@ class RegionDetector(GeneralizedRCNN):
     def fold_batch_norms(self) -> RegionDetector:
         """For inference only: fold the backbone's eval-mode batch norms into its convolutions
         (``region_features.fold``; kept unfolded when the folded copy does not match). Returns the model."""
-        from region_features.fold import fold_backbone
+        from region_features.fold import fold_backbone, fold_batch_norms
 
         self.eval()
         self.backbone, _ = fold_backbone(self.backbone)
+        if self.cfg.architecture == "c4":  # res5, the box head: each norm follows its convolution
+            fold_batch_norms(self.roi_heads.box_head)
         return self
 
     def resized_shape(self, height: int, width: int) -> tuple[int, int, float]:
@@ -506,7 +549,9 @@ def load_initial_weights(
     """
     path = Path(weights_path)
     state = _read_state_dict(path) if state is None else state
-    if model.cfg.is_torchvision:
+    if model.cfg.architecture == "c4":  # a whole detector of this architecture (a vl-regions train run's weights)
+        target, own, skip = model, model.state_dict(), ()
+    elif model.cfg.is_torchvision:
         target = model
         own = model.state_dict()
         skip = ("roi_heads.attr_head.",)
@@ -520,15 +565,16 @@ def load_initial_weights(
         state = {k: v for k, v in state.items() if k in own}  # the classifier head is not part of features_only
         skip = ()
     state = {k: v for k, v in state.items() if k in own or not k.endswith("num_batches_tracked")}
+    kind = "c4 detector" if model.cfg.architecture == "c4" else model.cfg.backbone
     for key, value in state.items():
         if key not in own:
-            raise UserError(f"{path}: unexpected tensor '{key}': not a {model.cfg.backbone} state dict")
+            raise UserError(f"{path}: unexpected tensor '{key}': not a {kind} state dict")
         if own[key].shape != value.shape:
             raise UserError(
                 f"{path}: tensor '{key}' has shape {list(value.shape)}, the model needs {list(own[key].shape)}"
             )
     missing = [k for k in own if k not in state and not k.startswith(skip) and not k.endswith("num_batches_tracked")]
     if missing:
-        raise UserError(f"{path}: missing {len(missing)} tensors for {model.cfg.backbone} (first: '{missing[0]}')")
+        raise UserError(f"{path}: missing {len(missing)} tensors for {kind} (first: '{missing[0]}')")
     target.load_state_dict(state, strict=False)
     return [k for k in own if k not in state]

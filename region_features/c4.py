@@ -1,0 +1,112 @@
+"""The bottom-up-attention detector's ResNet (Anderson et al. 2018), in the Caffe conventions of its published
+weights, split as a C4 Faster R-CNN splits it.
+
+- ``C4Backbone``: the stem and res2-res4. The RPN and the RoI pooling both read res4 (stride 16).
+- ``Res5Head``: res5 on each pooled RoI (its first block halves the 14x14 pool to 7x7), then the mean over space,
+  which is the 2048-d region feature that the class, box and attribute predictors read.
+
+Caffe conventions (MSRA's ResNet, as the bottom-up-attention weights were trained): a bottleneck's stride sits in
+its first 1x1 convolution (``stride_in_1x1``; torchvision and timm put it in the 3x3), convolutions have no bias,
+and the stem's max pool has no padding and rounds its output size up (Caffe's pooling). Batch norms are frozen
+with published weights (``frozen_bn``) and trainable otherwise. The BGR, 0-255, mean-only input normalisation is the
+detector config's (``channel_order: bgr`` with ``image_mean`` and ``image_std``), done by the detector's transform.
+
+Module names follow torchvision's ResNet (``conv1``, ``bn1``, ``layer1``..``layer3``; the head's ``layer4``), so
+batch-norm folding finds each convolution and its norm as consecutive children.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+
+def norm_layer(frozen: bool) -> Callable[[int], nn.Module]:
+    return FrozenBatchNorm2d if frozen else nn.BatchNorm2d
+
+
+class CaffeBottleneck(nn.Module):
+    """1x1 -> 3x3 -> 1x1 with a projection shortcut when the shape changes; the stride in the first 1x1 (Caffe) or
+    in the 3x3 (torchvision)."""
+
+    def __init__(self, in_channels: int, mid_channels: int, out_channels: int, stride: int, *,
+                 stride_in_1x1: bool = True, norm: Callable[[int], nn.Module] = nn.BatchNorm2d) -> None:
+        super().__init__()
+        first, middle = (stride, 1) if stride_in_1x1 else (1, stride)
+        self.conv1 = nn.Conv2d(in_channels, mid_channels, 1, stride=first, bias=False)
+        self.bn1 = norm(mid_channels)
+        self.conv2 = nn.Conv2d(mid_channels, mid_channels, 3, stride=middle, padding=1, bias=False)
+        self.bn2 = norm(mid_channels)
+        self.conv3 = nn.Conv2d(mid_channels, out_channels, 1, bias=False)
+        self.bn3 = norm(out_channels)
+        self.downsample = None
+        if stride != 1 or in_channels != out_channels:
+            self.downsample = nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False),
+                                            norm(out_channels))
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = F.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return F.relu(out + (x if self.downsample is None else self.downsample(x)))
+
+
+def res_stage(blocks: int, in_channels: int, mid_channels: int, stride: int, *, stride_in_1x1: bool,
+              norm: Callable[[int], nn.Module]) -> nn.Sequential:
+    """One ResNet stage of ``blocks`` bottlenecks (output 4 * ``mid_channels``); the first one strides."""
+    out_channels = 4 * mid_channels
+    layers = []
+    for index in range(blocks):
+        layers.append(CaffeBottleneck(in_channels if index == 0 else out_channels, mid_channels, out_channels,
+                                      stride if index == 0 else 1, stride_in_1x1=stride_in_1x1, norm=norm))
+    return nn.Sequential(*layers)
+
+
+class C4Backbone(nn.Module):
+    """Stem + res2, res3, res4 of a ResNet with ``blocks`` bottlenecks per stage (ResNet-101: 3, 4, 23, 3; the
+    last count is the head's) and ``stem_width`` stem channels (64).
+
+    forward(images (B, 3, H, W)) -> OrderedDict(res4=(B, 16 * stem_width, ceil(H / 16), ceil(W / 16))).
+    """
+
+    featmap_names = ["res4"]
+
+    def __init__(self, blocks: tuple[int, int, int, int], stem_width: int = 64, *, stride_in_1x1: bool = True,
+                 frozen_bn: bool = False) -> None:
+        super().__init__()
+        norm = norm_layer(frozen_bn)
+        self.conv1 = nn.Conv2d(3, stem_width, 7, stride=2, padding=3, bias=False)
+        self.bn1 = norm(stem_width)
+        self.layer1 = res_stage(blocks[0], stem_width, stem_width, 1, stride_in_1x1=stride_in_1x1, norm=norm)
+        self.layer2 = res_stage(blocks[1], 4 * stem_width, 2 * stem_width, 2, stride_in_1x1=stride_in_1x1, norm=norm)
+        self.layer3 = res_stage(blocks[2], 8 * stem_width, 4 * stem_width, 2, stride_in_1x1=stride_in_1x1, norm=norm)
+        self.out_channels = 16 * stem_width  # res4: 1024 for ResNet-101
+        self.width = 32 * stem_width  # res5, the head's output: 2048
+
+    def forward(self, images: Tensor) -> OrderedDict[str, Tensor]:
+        x = F.relu(self.bn1(self.conv1(images)))
+        x = F.max_pool2d(x, kernel_size=3, stride=2, padding=0, ceil_mode=True)  # Caffe's pooling
+        return OrderedDict(res4=self.layer3(self.layer2(self.layer1(x))))
+
+
+class Res5Head(nn.Module):
+    """The RoI head's res5 stage on pooled res4 RoIs, then the mean over space.
+
+    forward(pooled (N, 16 * stem_width, S, S)) -> (N, 32 * stem_width) region features.
+    """
+
+    def __init__(self, blocks: int, stem_width: int = 64, *, stride_in_1x1: bool = True,
+                 frozen_bn: bool = False) -> None:
+        super().__init__()
+        self.layer4 = res_stage(blocks, 16 * stem_width, 8 * stem_width, 2, stride_in_1x1=stride_in_1x1,
+                                norm=norm_layer(frozen_bn))
+
+    def forward(self, pooled: Tensor) -> Tensor:
+        if self.layer4[0].conv1.weight.is_contiguous(memory_format=torch.channels_last):  # use_channels_last
+            pooled = pooled.contiguous(memory_format=torch.channels_last)
+        return self.layer4(pooled).mean(dim=(2, 3))
