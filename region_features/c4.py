@@ -2,8 +2,9 @@
 weights, split as a C4 Faster R-CNN splits it.
 
 - ``C4Backbone``: the stem and res2-res4. The RPN and the RoI pooling both read res4 (stride 16).
-- ``Res5Head``: res5 on each pooled RoI (its first block halves the 14x14 pool to 7x7), then the mean over space,
-  which is the 2048-d region feature that the class, box and attribute predictors read.
+- ``Res5Head``: res5 on each pooled RoI (halving the 14x14 pool, or dilated over all of it as in the published
+  Visual Genome model), then the mean over space, which is the 2048-d region feature that the class, box and
+  attribute predictors read.
 
 Caffe conventions (MSRA's ResNet, as the bottom-up-attention weights were trained): a bottleneck's stride sits in
 its first 1x1 convolution (``stride_in_1x1``; torchvision and timm put it in the 3x3), convolutions have no bias,
@@ -35,12 +36,14 @@ class CaffeBottleneck(nn.Module):
     in the 3x3 (torchvision)."""
 
     def __init__(self, in_channels: int, mid_channels: int, out_channels: int, stride: int, *,
-                 stride_in_1x1: bool = True, norm: Callable[[int], nn.Module] = nn.BatchNorm2d) -> None:
+                 stride_in_1x1: bool = True, dilation: int = 1,
+                 norm: Callable[[int], nn.Module] = nn.BatchNorm2d) -> None:
         super().__init__()
         first, middle = (stride, 1) if stride_in_1x1 else (1, stride)
         self.conv1 = nn.Conv2d(in_channels, mid_channels, 1, stride=first, bias=False)
         self.bn1 = norm(mid_channels)
-        self.conv2 = nn.Conv2d(mid_channels, mid_channels, 3, stride=middle, padding=1, bias=False)
+        self.conv2 = nn.Conv2d(mid_channels, mid_channels, 3, stride=middle, padding=dilation, dilation=dilation,
+                               bias=False)
         self.bn2 = norm(mid_channels)
         self.conv3 = nn.Conv2d(mid_channels, out_channels, 1, bias=False)
         self.bn3 = norm(out_channels)
@@ -57,13 +60,14 @@ class CaffeBottleneck(nn.Module):
 
 
 def res_stage(blocks: int, in_channels: int, mid_channels: int, stride: int, *, stride_in_1x1: bool,
-              norm: Callable[[int], nn.Module]) -> nn.Sequential:
+              norm: Callable[[int], nn.Module], dilation: int = 1) -> nn.Sequential:
     """One ResNet stage of ``blocks`` bottlenecks (output 4 * ``mid_channels``); the first one strides."""
     out_channels = 4 * mid_channels
     layers = []
     for index in range(blocks):
         layers.append(CaffeBottleneck(in_channels if index == 0 else out_channels, mid_channels, out_channels,
-                                      stride if index == 0 else 1, stride_in_1x1=stride_in_1x1, norm=norm))
+                                      stride if index == 0 else 1, stride_in_1x1=stride_in_1x1, dilation=dilation,
+                                      norm=norm))
     return nn.Sequential(*layers)
 
 
@@ -97,16 +101,43 @@ class C4Backbone(nn.Module):
 class Res5Head(nn.Module):
     """The RoI head's res5 stage on pooled res4 RoIs, then the mean over space.
 
+    ``dilation`` 1: the first block strides 2, halving the pool (detectron2's C4); 2: no stride, and every 3x3
+    convolution dilated by 2 over the whole pool (the published Visual Genome model's res5).
+
     forward(pooled (N, 16 * stem_width, S, S)) -> (N, 32 * stem_width) region features.
     """
 
-    def __init__(self, blocks: int, stem_width: int = 64, *, stride_in_1x1: bool = True,
+    def __init__(self, blocks: int, stem_width: int = 64, *, stride_in_1x1: bool = True, dilation: int = 1,
                  frozen_bn: bool = False) -> None:
         super().__init__()
-        self.layer4 = res_stage(blocks, 16 * stem_width, 8 * stem_width, 2, stride_in_1x1=stride_in_1x1,
-                                norm=norm_layer(frozen_bn))
+        self.layer4 = res_stage(blocks, 16 * stem_width, 8 * stem_width, 2 if dilation == 1 else 1,
+                                stride_in_1x1=stride_in_1x1, norm=norm_layer(frozen_bn), dilation=dilation)
 
     def forward(self, pooled: Tensor) -> Tensor:
         if self.layer4[0].conv1.weight.is_contiguous(memory_format=torch.channels_last):  # use_channels_last
             pooled = pooled.contiguous(memory_format=torch.channels_last)
         return self.layer4(pooled).mean(dim=(2, 3))
+
+
+class RoIMaxPool(nn.Module):
+    """Caffe's ROIPooling on one feature map (torchvision's ``roi_pool``), with ``MultiScaleRoIAlign``'s contract:
+    forward(features {name: (B, C, h, w)}, boxes per image (K_i, 4) pixels, image_shapes) -> (sum K_i, C, S, S).
+    The map's scale is inferred as MultiScaleRoIAlign infers it, a power of 2 from its size against the images'."""
+
+    def __init__(self, featmap_name: str, output_size: int) -> None:
+        super().__init__()
+        self.featmap_name = featmap_name
+        self.output_size = output_size
+
+    def forward(self, features: dict[str, Tensor], boxes: list[Tensor],
+                image_shapes: list[tuple[int, int]]) -> Tensor:
+        import math
+
+        from torchvision.ops import roi_pool
+
+        feature = features[self.featmap_name]
+        largest = max(shape[0] for shape in image_shapes)
+        scale = 2.0 ** round(math.log2(feature.shape[-2] / largest))
+        # torchvision's CPU kernel has no bf16: max pooling in float32 is exact, then back to the map's dtype
+        pooled = roi_pool(feature.float(), [b.float() for b in boxes], self.output_size, scale)
+        return pooled.to(feature.dtype)

@@ -69,6 +69,10 @@ class DetectorConfig:
     c4_stem_width: int = 64  # c4: stem channels; res4 has 16x, the region feature 32x (2048)
     stride_in_1x1: bool = True  # c4: Caffe's bottleneck, the stride in its first 1x1 convolution
     channel_order: Literal["rgb", "bgr"] = "rgb"  # the channel order the backbone reads (Caffe weights: bgr)
+    # c4: 1, res5's first block halves the RoI pool (detectron2); 2, no stride and dilated 3x3s (the published VG model)
+    c4_res5_dilation: int = 1
+    rpn_channels: int | None = None  # the RPN's 3x3 convolution width; None = its input's (torchvision)
+    roi_pool: Literal["align", "max"] = "align"  # RoIAlign, or Caffe's RoI max pooling (c4 only)
     backbone_args: dict[str, Any] = field(default_factory=dict)  # timm model arguments, e.g. {channels: [32, 64]}
     weights_path: str | None = None  # local weights: a torchvision Faster R-CNN state dict, or timm backbone weights
     pretrained: bool = False  # timm's downloadable weights: never (no network); use weights_path instead
@@ -114,6 +118,8 @@ class DetectorConfig:
             raise ValueError("detector image sizes must be positive")
         if self.architecture not in ("fpn", "c4"):
             raise ValueError(f"detector.architecture must be fpn or c4, got {self.architecture!r}")
+        if self.roi_pool not in ("align", "max"):
+            raise ValueError(f"detector.roi_pool must be align or max, got {self.roi_pool!r}")
         if self.channel_order not in ("rgb", "bgr"):
             raise ValueError(f"detector.channel_order must be rgb or bgr, got {self.channel_order!r}")
         if self.architecture == "c4":
@@ -125,7 +131,11 @@ class DetectorConfig:
                                  "box head's: the c4 box head is res5")
             if not self.anchor_sizes:
                 raise ValueError("detector.anchor_sizes needs at least one size")
+            if self.c4_res5_dilation not in (1, 2):
+                raise ValueError(f"detector.c4_res5_dilation must be 1 or 2, got {self.c4_res5_dilation}")
             return
+        if self.roi_pool != "align":
+            raise ValueError("detector.roi_pool: max pooling is for the c4 architecture's one map; the FPN uses align")
         levels = 5 if self.is_torchvision else len(self.out_indices) + 1
         if len(self.anchor_sizes) != levels:
             raise ValueError(
@@ -278,7 +288,7 @@ class RegionDetector(GeneralizedRCNN):
                                                aspect_ratios=(tuple(cfg.aspect_ratios),) * len(cfg.anchor_sizes))
         rpn = RegionProposalNetwork(
             anchor_generator,
-            Float32RPNHead(backbone.out_channels, anchor_generator.num_anchors_per_location()[0]),
+            Float32RPNHead(backbone.out_channels, anchor_generator.num_anchors_per_location()[0], cfg.rpn_channels),
             fg_iou_thresh=0.7,
             bg_iou_thresh=0.3,
             batch_size_per_image=cfg.rpn_batch_size_per_image,
@@ -287,14 +297,19 @@ class RegionDetector(GeneralizedRCNN):
             post_nms_top_n=dict(training=cfg.rpn_post_nms_top_n_train, testing=cfg.rpn_post_nms_top_n_test),
             nms_thresh=cfg.rpn_nms_thresh,
         )
-        box_roi_pool = ParallelRoIAlign(
-            backbone.featmap_names, output_size=cfg.roi_output_size, sampling_ratio=cfg.roi_sampling_ratio
-        )
+        if cfg.roi_pool == "max":
+            from region_features.c4 import RoIMaxPool
+
+            box_roi_pool = RoIMaxPool(backbone.featmap_names[0], cfg.roi_output_size)
+        else:
+            box_roi_pool = ParallelRoIAlign(
+                backbone.featmap_names, output_size=cfg.roi_output_size, sampling_ratio=cfg.roi_sampling_ratio
+            )
         if cfg.architecture == "c4":
             from region_features.c4 import Res5Head
 
             box_head = Res5Head(cfg.c4_blocks[3], cfg.c4_stem_width, stride_in_1x1=cfg.stride_in_1x1,
-                                frozen_bn=cfg.frozen_bn)
+                                dilation=cfg.c4_res5_dilation, frozen_bn=cfg.frozen_bn)
         elif cfg.box_head_convs:
             box_head = FastRCNNConvFCHead(
                 (backbone.out_channels, cfg.roi_output_size, cfg.roi_output_size),

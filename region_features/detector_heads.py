@@ -88,7 +88,22 @@ class RegionRoIHeads(RoIHeads):
 
 class Float32RPNHead(RPNHead):
     """torchvision's RPN head with float32 outputs, also under bf16 autocast: anchors are decoded into proposals at
-    full precision (bf16 would round a coordinate near 1000 px to a multiple of 8)."""
+    full precision (bf16 would round a coordinate near 1000 px to a multiple of 8). ``hidden_channels``: the width
+    of its 3x3 convolution when not the input's (bottom-up attention's RPN: 512 on res4's 1024)."""
+
+    def __init__(self, in_channels: int, num_anchors: int, hidden_channels: int | None = None) -> None:
+        super().__init__(in_channels, num_anchors)
+        if hidden_channels and hidden_channels != in_channels:
+            from torchvision.ops.misc import Conv2dNormActivation
+
+            self.conv = nn.Sequential(Conv2dNormActivation(in_channels, hidden_channels, kernel_size=3,
+                                                           norm_layer=None))
+            self.cls_logits = nn.Conv2d(hidden_channels, num_anchors, kernel_size=1)
+            self.bbox_pred = nn.Conv2d(hidden_channels, num_anchors * 4, kernel_size=1)
+            for layer in self.modules():
+                if isinstance(layer, nn.Conv2d):
+                    nn.init.normal_(layer.weight, std=0.01)
+                    nn.init.constant_(layer.bias, 0)
 
     def forward(self, x: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
         logits, deltas = super().forward(x)

@@ -25,7 +25,8 @@ BUTD = ROOT / "configs" / "detector-butd-r101.yaml"
 # ResNet-101's layout at one block a stage and 1/8 of the width: a 256-d region feature
 TINY = {"c4_blocks": (1, 1, 1, 1), "c4_stem_width": 8, "min_size": 128, "max_size": 213, "train_min_sizes": (128,),
         "anchor_sizes": (16, 32, 64), "rpn_pre_nms_top_n_test": 300, "rpn_post_nms_top_n_test": 50,
-        "rpn_pre_nms_top_n_train": 300, "rpn_post_nms_top_n_train": 100, "box_batch_size_per_image": 32}
+        "rpn_pre_nms_top_n_train": 300, "rpn_post_nms_top_n_train": 100, "box_batch_size_per_image": 32,
+        "rpn_channels": 32}
 
 
 def tiny_c4(**changes) -> RegionDetector:
@@ -153,3 +154,29 @@ def test_folded_channels_last_inference_gives_the_same_regions():
         got = fast.extract_regions(image, BoxSelection(num_boxes=4), given_boxes=[want["boxes"]])[0]
     torch.testing.assert_close(got["region_feats"], want["region_feats"], atol=1e-4, rtol=1e-3)
     torch.testing.assert_close(got["object_probs"], want["object_probs"], atol=1e-4, rtol=1e-3)
+
+
+@pytest.mark.parametrize("dilation, side", [(1, 7), (2, 14)])
+def test_res5_halves_the_pool_or_runs_dilated_over_all_of_it(dilation, side):
+    """detectron2's C4 res5 strides its first block; the published VG model's keeps the 14x14 pool, dilated."""
+    from region_features.c4 import Res5Head
+
+    head = Res5Head(2, 8, dilation=dilation).eval()
+    assert all(block.conv2.dilation == (dilation, dilation) for block in head.layer4)
+    with torch.no_grad():
+        assert head.layer4(torch.rand(3, 128, 14, 14)).shape == (3, 256, side, side)
+        assert head(torch.rand(3, 128, 14, 14)).shape == (3, 256)
+
+
+def test_the_rpn_width_and_caffe_roi_max_pooling():
+    from region_features.c4 import RoIMaxPool
+
+    model = tiny_c4()
+    assert model.rpn.head.conv[0][0].out_channels == 32 and model.rpn.head.cls_logits.in_channels == 32
+    assert model.rpn.head.cls_logits.out_channels == 9  # 3 sizes x 3 aspect ratios on the one map
+    feature = torch.zeros(1, 2, 8, 8)
+    feature[0, 0, 2, 3], feature[0, 1, 6, 6] = 5.0, 7.0  # one peak inside the box, one outside
+    pooled = RoIMaxPool("res4", 1)({"res4": feature}, [torch.tensor([[32.0, 16.0, 64.0, 48.0]])], [(128, 128)])
+    assert pooled.shape == (1, 2, 1, 1) and pooled.flatten().tolist() == [5.0, 0.0]  # the map is at stride 16
+    with pytest.raises(ValueError, match="max pooling is for the c4 architecture"):
+        dataclasses.replace(read_detector_config(ROOT / "configs" / "detector-resnet50.yaml"), roi_pool="max")
