@@ -54,8 +54,21 @@ def test_a_quantized_vqa_run_answers_like_its_source(world, runs, tmp_path, caps
                      "--features", str(store), "--out", str(out)]) == 0
         answers[name] = [row["answer"] for row in json.loads(out.read_text())]
     assert len(set(answers["vqa"])) >= 2  # the source is not a constant answer
-    agree = sum(a == b for a, b in zip(answers["vqa"], answers["vqa-int8"])) / len(answers["vqa"])
-    assert agree >= 0.85, agree  # int8 rounding flips near-ties: 0.90 here, at width 32
+    from vl.tasks.vqa.model import predicted_answers
+
+    logits = {name: _held_out_logits(world, runs, root / name) for name in ("vqa", "vqa-int8")}
+    assert predicted_answers(logits["vqa"], list(load_any_task_run(root / "vqa")[1].answers)) == answers["vqa"]
+    # the stated tolerance: int8 rounding moves no answer score by 0.1 (measured at most 0.047, at width 32)
+    assert float((logits["vqa"] - logits["vqa-int8"]).abs().max()) < 0.1
+    # this tiny source's two best answers are near-ties on many questions, and rounding flips some of those (overall
+    # agreement 0.81 on 1 thread, 0.91 on 2, Intel Xeon); where the two differ by more than 0.05 (a fifth of the
+    # questions), every answer was kept on both
+    top2 = logits["vqa"].topk(2, dim=1).values
+    clear = (top2[:, 0] - top2[:, 1] > 0.05).tolist()
+    agree = [a == b for a, b in zip(answers["vqa"], answers["vqa-int8"])]
+    assert sum(clear) >= 0.1 * len(clear), sum(clear)
+    assert sum(a for a, c in zip(agree, clear) if c) >= 0.95 * sum(clear)
+    assert sum(agree) >= 0.75 * len(agree), sum(agree) / len(agree)
     capsys.readouterr()
     assert main(["evaluate", "vqa", "--annotations", str(world.vqa_annotations("val")),
                  "--results", str(tmp_path / "vqa-int8.json")]) == 0
