@@ -53,10 +53,13 @@ class CaffeBottleneck(nn.Module):
                                             norm(out_channels))
 
     def forward(self, x: Tensor) -> Tensor:
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = F.relu(self.bn2(self.conv2(out)))
+        # in place, as torchvision's bottleneck: on res5's RoI batches these element-wise passes cost as much as
+        # the convolutions, and a fresh (N, 2048, 14, 14) tensor for each is most of that
+        out = F.relu(self.bn1(self.conv1(x)), inplace=True)
+        out = F.relu(self.bn2(self.conv2(out)), inplace=True)
         out = self.bn3(self.conv3(out))
-        return F.relu(out + (x if self.downsample is None else self.downsample(x)))
+        out += x if self.downsample is None else self.downsample(x)
+        return F.relu(out, inplace=True)
 
 
 def res_stage(blocks: int, in_channels: int, mid_channels: int, stride: int, *, stride_in_1x1: bool,
@@ -139,5 +142,13 @@ class RoIMaxPool(nn.Module):
         largest = max(shape[0] for shape in image_shapes)
         scale = 2.0 ** round(math.log2(feature.shape[-2] / largest))
         # torchvision's CPU kernel has no bf16: max pooling in float32 is exact, then back to the map's dtype
-        pooled = roi_pool(feature.float(), [b.float() for b in boxes], self.output_size, scale)
-        return pooled.to(feature.dtype)
+        maps, boxes = feature.float(), [b.float() for b in boxes]
+        workers = min(torch.get_num_threads(), len(boxes))
+        if workers < 2 or feature.device.type != "cpu" or (torch.is_grad_enabled() and feature.requires_grad):
+            return roi_pool(maps, boxes, self.output_size, scale).to(feature.dtype)
+        from region_features.detector_heads import thread_pool
+
+        # the CPU kernel runs on one thread: one image per thread, as ParallelRoIAlign does
+        jobs = [thread_pool(workers).submit(roi_pool, maps[i:i + 1], [boxes[i]], self.output_size, scale)
+                for i in range(len(boxes))]
+        return torch.cat([job.result() for job in jobs]).to(feature.dtype)

@@ -121,6 +121,13 @@ class Float32Predictor(FastRCNNPredictor):
 _POOL: dict[int, object] = {}  # worker count -> ThreadPoolExecutor
 
 
+def thread_pool(workers: int):
+    """The process's RoI-pooling thread pool of ``workers`` threads (made once)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    return _POOL.setdefault(workers, ThreadPoolExecutor(workers, thread_name_prefix="roi_pool"))
+
+
 class ParallelRoIAlign(MultiScaleRoIAlign):
     """``MultiScaleRoIAlign`` that, at CPU inference, pools each image of the batch on its own thread.
 
@@ -134,9 +141,7 @@ class ParallelRoIAlign(MultiScaleRoIAlign):
         first = next(iter(x.values()))
         if workers < 2 or first.device.type != "cpu" or (torch.is_grad_enabled() and first.requires_grad):
             return super().forward(x, boxes, image_shapes)
-        from concurrent.futures import ThreadPoolExecutor
-
-        pool = _POOL.setdefault(workers, ThreadPoolExecutor(workers, thread_name_prefix="roi_align"))
+        pool = thread_pool(workers)
         parent = super().forward
         # autocast and inference mode are per thread: each worker runs under the caller's
         autocast = dict(dtype=torch.get_autocast_dtype("cpu"), enabled=torch.is_autocast_enabled("cpu"))
