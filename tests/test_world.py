@@ -386,8 +386,8 @@ def test_same_seed_gives_identical_bytes_and_another_seed_does_not(tmp_path):
     generate_world(tmp_path / "c", WorldConfig(seed=6, train=4, val=2, test=2, size=64, shard_size=3), progress=False)
     first, second, other = _digest(tmp_path / "a"), _digest(tmp_path / "b"), _digest(tmp_path / "c")
     assert first == second
-    # 8 images, 6 JSON files and a corpus per split, 2 + 1 + 1 shards, Karpathy, corpus, manifest
-    assert len(first) == 8 + 3 * 7 + 4 + 3
+    # 8 images, 6 JSON files and a corpus per split, 2 + 1 + 1 shards, Karpathy, refs, corpus, manifest
+    assert len(first) == 8 + 3 * 7 + 4 + 4
     assert first["annotations/instances_train2014.json"] != other["annotations/instances_train2014.json"]
 
 
@@ -471,3 +471,50 @@ def test_question_families_name_what_each_question_asks(world):
             assert " or " in text
         if family == "color":
             assert "color" in text
+
+
+def test_referring_expressions_are_in_the_refcoco_layout_and_each_picks_out_its_object(world):
+    """refer/refs.json: one ref per nameable object, RefCOCO's fields, its COCO instance; every expression, read
+    back against the scene's ground truth, fits that object and no other in the image."""
+    import json
+    import re
+
+    refs = json.loads(world.refs.read_text())
+    assert refs and {"ref_id", "ann_id", "image_id", "category_id", "split", "file_name", "sent_ids",
+                     "sentences"} <= set(refs[0])
+    assert [ref["ref_id"] for ref in refs] == list(range(len(refs)))
+    sent_ids = [s["sent_id"] for ref in refs for s in ref["sentences"]]
+    assert sent_ids == list(range(len(sent_ids)))
+    side = json.loads(world.manifest.read_text())["size"]  # the clear-relation margin is a tenth of it
+    relations = {"to the left of": lambda a, b: a[0] < b[0] - 0.1 * side, "to the right of":
+                 lambda a, b: a[0] > b[0] + 0.1 * side, "above": lambda a, b: a[1] < b[1] - 0.1 * side,
+                 "below": lambda a, b: a[1] > b[1] + 0.1 * side}
+    pattern = re.compile(r"^the (.+?)(?: (to the left of|to the right of|above|below) the (.+))?$")
+
+    def fits(obj, words):
+        *attributes, shape = words.split()
+        return shape == obj["shape"] and all(word in (obj["color"], obj["size"]) for word in attributes)
+
+    checked = 0
+    for split in ("train", "val"):
+        scenes = {scene["image_id"]: scene for scene in json.loads(world.scenes(split).read_text())["scenes"]}
+        instances = json.loads(world.instances(split).read_text())
+        annotations = {ann["id"]: ann for ann in instances["annotations"]}
+        for ref in (ref for ref in refs if ref["split"] == split):
+            ann = annotations[ref["ann_id"]]
+            assert ann["image_id"] == ref["image_id"] and ann["category_id"] == ref["category_id"]
+            objects = scenes[ref["image_id"]]["objects"]
+            target = next(obj for obj in objects if obj["bbox"] == ann["bbox"])
+            for sentence in ref["sentences"]:
+                assert sentence["tokens"] == sentence["sent"].split()
+                phrase, relation, anchor = pattern.match(sentence["raw"]).groups()
+                if relation is None:
+                    chosen = [obj for obj in objects if fits(obj, phrase)]
+                else:
+                    anchors = [obj for obj in objects if fits(obj, anchor)]
+                    assert len(anchors) == 1, sentence
+                    chosen = [obj for obj in objects if obj is not anchors[0] and fits(obj, phrase)
+                              and relations[relation](obj["center"], anchors[0]["center"])]
+                assert chosen == [target], sentence
+                checked += 1
+    assert checked > 100

@@ -9,6 +9,7 @@ learnable, deterministic by seed and written in exactly the formats real dataset
     OUT/annotations/captions_{split}2014.json              COCO captions, 5 per image
     OUT/scenes/scenes_{split}2014.json                     CLEVR-style scene graphs (the ground truth)
     OUT/dataset_coco.json                                  Karpathy split over all images (cocoid = image id)
+    OUT/refer/refs.json                                    referring expressions, RefCOCO layout (vl.world.refer)
     OUT/vqa/v2_OpenEnded_mscoco_{split}2014_questions.json VQA v2 questions
     OUT/vqa/v2_mscoco_{split}2014_annotations.json         VQA v2 annotations, 10 answers each
     OUT/vqa/question_families_{split}2014.json             {"families": {question_id: family}}: what each question
@@ -47,6 +48,7 @@ from vl.progress import progress_bar
 from vl.atomic import atomic_output, publish
 from vl.config import atomic_write_text
 from vl.world.language import YesNoBalancer, describe_scene, make_captions, make_questions
+from vl.world.refer import scene_refs
 from vl.world.scene import (
     COLORS,
     GENERATOR_VERSION,
@@ -117,7 +119,8 @@ class WorldPaths:
     - ``vqa_questions(split)``, ``vqa_annotations(split)``: VQA v2 questions / annotations JSON;
       ``question_families(split)``: what each question asks (``{"families": {question_id: family}}``);
     - ``shards(split)``: the shard tar files, sorted; ``shard_pattern(split)``: them in brace notation;
-    - ``karpathy``: ``dataset_coco.json``; ``corpus``: ``text/corpus.txt`` (all splits);
+    - ``karpathy``: ``dataset_coco.json``; ``refs``: ``refer/refs.json``, referring expressions of every split in
+      the RefCOCO layout (``vl.world.refer``); ``corpus``: ``text/corpus.txt`` (all splits);
       ``corpus_split(split)``: ``text/corpus_{split}.txt``; ``manifest``: ``world.json``.
     """
 
@@ -153,6 +156,10 @@ class WorldPaths:
 
     def instances(self, split: str) -> Path:
         return self.root / "annotations" / f"instances_{_check_split(split)}2014.json"
+
+    @property
+    def refs(self) -> Path:
+        return self.root / "refer" / "refs.json"
 
     def captions(self, split: str) -> Path:
         return self.root / "annotations" / f"captions_{_check_split(split)}2014.json"
@@ -298,7 +305,7 @@ _LICENSES = [{"id": 1, "name": "generated", "url": ""}]
 
 # Paths a world (or an interrupted generation of one) consists of, relative to OUT; nothing else is ever deleted.
 _WORLD_FILE = re.compile(
-    r"(world\.json|dataset_coco\.json"
+    r"(world\.json|dataset_coco\.json|refer/refs\.json"
     r"|images/(train|val|test)2014/COCO_(train|val|test)2014_\d{12}\.jpg"
     r"|annotations/(instances|captions)_(train|val|test)2014\.json|scenes/scenes_(train|val|test)2014\.json"
     r"|vqa/v2_(OpenEnded_mscoco_(train|val|test)2014_questions|mscoco_(train|val|test)2014_annotations)\.json"
@@ -306,7 +313,7 @@ _WORLD_FILE = re.compile(
     r"|shards/(train|val|test)-\d{6}\.tar|text/corpus(_(train|val|test))?\.txt)"
     r"|(.*/)?\.[^/]+\.tmp")
 _WORLD_DIRS = ("images/train2014", "images/val2014", "images/test2014", "images", "annotations", "scenes", "vqa",
-               "shards", "text")
+               "shards", "text", "refer")
 
 
 def _prepare_out_dir(out: Path, force: bool) -> None:
@@ -350,6 +357,8 @@ def generate_world(out: str | os.PathLike, cfg: WorldConfig, force: bool = False
     karpathy_images: list[dict[str, Any]] = []
     corpus_docs: list[str] = []
     ann_id = caption_id = 0
+    refs: list[dict[str, Any]] = []
+    ref_id = ref_sent_id = 0
     stats: dict[str, dict[str, int]] = {}
     start = time.perf_counter()
     bar = progress_bar(total=sum(counts.values()), desc="generate-world", unit="img",
@@ -375,12 +384,17 @@ def generate_world(out: str | os.PathLike, cfg: WorldConfig, force: bool = False
                     coco_images.append({"id": scene.image_id, "file_name": scene.file_name, "width": scene.width,
                                         "height": scene.height, "license": 1, "date_captured": "2014-01-01 00:00:00",
                                         "coco_url": "", "flickr_url": ""})
+                    first_ann = ann_id + 1
                     for obj in scene.objects:
                         ann_id += 1
                         instances.append({"id": ann_id, "image_id": scene.image_id,
                                           "category_id": category_ids[obj.shape], "bbox": list(obj.bbox),
                                           "area": obj.area, "iscrowd": 0, "segmentation": [list(obj.polygon)],
                                           "attributes": [obj.color, obj.size]})
+                    scene_refs_, ref_id, ref_sent_id = scene_refs(
+                        scene, range(first_ann, ann_id + 1), category_ids, split,
+                        image_rng(cfg.seed, split, index, stream=2), ref_id, ref_sent_id)
+                    refs.extend(scene_refs_)
                     sentences = []
                     for caption in image_captions:
                         caption_id += 1
@@ -438,12 +452,15 @@ def generate_world(out: str | os.PathLike, cfg: WorldConfig, force: bool = False
             yes = sum(1 for a in vqa_anns if a["multiple_choice_answer"] == "yes")
             no = sum(1 for a in vqa_anns if a["multiple_choice_answer"] == "no")
             stats[split] = {"images": len(coco_images), "objects": len(instances), "captions": len(captions_anns),
+                            "refs": sum(ref["split"] == split for ref in refs),
                             "questions": len(questions), "yes": yes, "no": no, "shards": len(shard_paths),
                             "first_image_id": image_ids[split][0], "last_image_id": image_ids[split][-1]}
     finally:
         bar.close()
     atomic_write_text(paths.karpathy, _json_text({"images": karpathy_images, "dataset": "coco"}))
     record(paths.karpathy)
+    atomic_write_text(paths.refs, _json_text(refs))
+    record(paths.refs)
     atomic_write_text(paths.corpus, "\n\n".join(corpus_docs) + "\n")
     record(paths.corpus)
     elapsed = time.perf_counter() - start

@@ -301,7 +301,8 @@ def render_clean(scene: Scene, background: tuple[int, int, int] = (0, 0, 0)) -> 
 
 
 def image_rng(seed: int, split: str, index: int, stream: int = 0) -> np.random.Generator:
-    """The random stream of image ``index`` of ``split``: stream 0 draws the scene, stream 1 its language."""
+    """The random stream of image ``index`` of ``split``: stream 0 draws the scene, stream 1 its language, stream 2
+    its referring expressions."""
     return np.random.default_rng(np.random.SeedSequence([seed, SPLITS.index(split), index, stream]))
 
 
