@@ -412,3 +412,58 @@ def test_text_core_starts_from_a_vision_language_checkpoint(lxmert_dir, visualbe
                                        hf.lxmert.encoder.layer[layer].output.dense.weight)
         torch.testing.assert_close(ours.state_dict()["text_encoder.embeddings.word_embeddings.weight"],
                                    hf.lxmert.embeddings.word_embeddings.weight)
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_an_hf_lxmert_vqa_checkpoint_converts_to_a_vqa_run_with_its_answers(world, tmp_path, capsys, padded):
+    """vl convert --from-hf of LxmertForQuestionAnswering with --answers writes a VQA run of ours whose answer
+    logits are transformers' on the same inputs, and whose answers are the list's, in logit order."""
+    from transformers import LxmertForQuestionAnswering
+
+    from vl.tasks.runs import load_any_task_run
+    from vl.tasks.vqa.model import predicted_answers
+
+    torch.manual_seed(0)
+    hf = LxmertForQuestionAnswering(lxmert_config()).eval()
+    perturb(hf, 3)
+    hf.save_pretrained(tmp_path / "hf")
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "is", "it", "red", "?"]  # a published one has its vocab
+    (tmp_path / "hf" / "vocab.txt").write_text("".join(f"{w}\n" for w in words))
+    answers = ["yes", "no", "2", "red", "circle"]  # num_qa_labels=5
+    (tmp_path / "label2ans.json").write_text(json.dumps(answers))
+    assert vl_main(["convert", "--from-hf", str(tmp_path / "hf"), "--answers", str(tmp_path / "label2ans.json"),
+                    "--out", str(tmp_path / "run")]) == 0
+    assert capsys.readouterr().out.startswith(f"wrote the VQA run {tmp_path / 'run'} (5 answers and the tokenizer")
+    model, run, _ = load_any_task_run(tmp_path / "run")
+    assert run.task == "vqa" and list(run.answers) == answers
+    batch = inputs(padded, 99, seed=7)
+    with torch.no_grad():
+        theirs = hf(input_ids=batch["input_ids"], visual_feats=batch["region_feats"],
+                    visual_pos=batch["region_boxes"], attention_mask=batch["attention_mask"],
+                    visual_attention_mask=batch["region_mask"],
+                    token_type_ids=batch["token_type_ids"]).question_answering_score
+        ours = model.eval().logits(batch)
+    close(ours, theirs)
+    assert predicted_answers(ours, answers) == [answers[i] for i in theirs.argmax(-1).tolist()]
+    if padded:  # vl predict vqa writes the official results with the converted run, on 16-d world features
+        from vl.world.features import write_world_features
+
+        store = write_world_features(world, tmp_path / "store")
+        assert vl_main(["predict", "vqa", "--run", str(tmp_path / "run"), "--questions",
+                        str(world.vqa_questions("val")), "--features", str(store),
+                        "--out", str(tmp_path / "results.json")]) == 0
+        results = json.loads((tmp_path / "results.json").read_text())
+        assert len(results) == len(json.loads(world.vqa_questions("val").read_text())["questions"])
+        assert {row["answer"] for row in results} <= set(answers)
+    for argv, message in (
+        (["--answers", str(tmp_path / "label2ans.json")], "--answers goes with --from-hf"),
+        (["--from-hf", str(tmp_path / "hf"), "--answers", str(tmp_path / "few.json"), "--out", str(tmp_path / "a")],
+         "lists 2 answers but"),
+        (["--from-hf", str(tmp_path / "hf"), "--answers", str(tmp_path / "nope.json"), "--out", str(tmp_path / "b")],
+         "cannot read it as JSON"),
+    ):
+        (tmp_path / "few.json").write_text(json.dumps(["yes", "no"]))
+        capsys.readouterr()
+        assert vl_main(["convert", *argv]) != 0
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err

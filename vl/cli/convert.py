@@ -2,6 +2,8 @@
 VisualBERT formats.
 
     vl convert --from-hf HF_DIR --out RUN     a Hugging Face directory -> a run directory of ours
+    vl convert --from-hf HF_DIR --answers ANSWERS.json --out RUN
+                                              an LXMERT VQA checkpoint -> a VQA run of ours
     vl convert RUN --to-hf HF_DIR             a run directory of ours -> a Hugging Face directory
 """
 
@@ -43,6 +45,14 @@ def _from_hf(args: argparse.Namespace) -> int:
     if kind == "vl-run":
         raise UserError(f"--from-hf {source} is a run directory of this project, not a Hugging Face checkpoint")
     _check_out_dir(out, (CONFIG_FILE, WEIGHTS_FILE), args.force, "--out")
+    if args.answers is not None:
+        from vl.checkpoints.hf_vqa import convert_hf_vqa
+
+        count, parameters = convert_hf_vqa(source, args.answers, out, ignore_unknown=args.ignore_unknown)
+        carried = _carry_tokenizer(source, out)
+        print(f"wrote the VQA run {out} ({count} answers{carried}) from {kind[3:]} with its answer head "
+              f"({parameters:,} parameters)")
+        return 0
     if kind in (LXMERT_KIND, VISUALBERT_KIND):
         model = load_hf_vl_model(source, ignore_unknown=args.ignore_unknown)[0]
         what = f"{kind[3:]} ({model.cfg.fusion}, heads: {_heads(model)})"
@@ -92,6 +102,8 @@ def _convert(args: argparse.Namespace) -> int:
         if args.out is None:
             raise UserError("--from-hf needs --out RUN")
         return _from_hf(args)
+    if args.answers is not None:
+        raise UserError("--answers goes with --from-hf (an LXMERT VQA checkpoint)")
     if args.run is None or args.to_hf is None:
         raise UserError("expected '--from-hf HF_DIR --out RUN' or 'RUN --to-hf HF_DIR'")
     if args.out is not None:
@@ -105,12 +117,17 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         description="Convert checkpoints between run directories of this project and Hugging Face's BERT, "
                     "LXMERT and VisualBERT formats.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="  vl convert --from-hf HF_DIR --out RUN\n  vl convert RUN --to-hf HF_DIR",
+        epilog="  vl convert --from-hf HF_DIR --out RUN\n"
+               "  vl convert --from-hf LXMERT_VQA_DIR --answers ANSWERS.json --out VQA_RUN\n"
+               "  vl convert RUN --to-hf HF_DIR",
     )
     parser.add_argument("run", nargs="?", metavar="RUN", help="a run directory of ours to export (with --to-hf)")
     parser.add_argument("--from-hf", metavar="HF_DIR",
                         help="a Hugging Face directory (config.json + model.safetensors or pytorch_model.bin)")
     parser.add_argument("--out", metavar="RUN", help="run directory to write (with --from-hf)")
+    parser.add_argument("--answers", metavar="ANSWERS.json",
+                        help="with --from-hf of an LXMERT VQA checkpoint: its answer list in logit order (a JSON "
+                             "list, e.g. LXMERT's trainval_label2ans.json); writes a VQA run")
     parser.add_argument("--to-hf", metavar="HF_DIR", help="Hugging Face directory to write (with RUN)")
     parser.add_argument("--ignore-unknown", action="store_true",
                         help="with --from-hf: skip tensors that are not part of the pretraining model "
