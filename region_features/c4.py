@@ -18,13 +18,17 @@ batch-norm folding finds each convolution and its norm as consecutive children.
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torchvision.ops import roi_pool
 from torchvision.ops.misc import FrozenBatchNorm2d
+
+from region_features.detector_heads import pool_per_image
 
 
 def norm_layer(frozen: bool) -> Callable[[int], nn.Module]:
@@ -134,21 +138,14 @@ class RoIMaxPool(nn.Module):
 
     def forward(self, features: dict[str, Tensor], boxes: list[Tensor],
                 image_shapes: list[tuple[int, int]]) -> Tensor:
-        import math
-
-        from torchvision.ops import roi_pool
-
         feature = features[self.featmap_name]
         largest = max(shape[0] for shape in image_shapes)
         scale = 2.0 ** round(math.log2(feature.shape[-2] / largest))
-        # torchvision's CPU kernel has no bf16: max pooling in float32 is exact, then back to the map's dtype
-        maps, boxes = feature.float(), [b.float() for b in boxes]
-        workers = min(torch.get_num_threads(), len(boxes))
-        if workers < 2 or feature.device.type != "cpu" or (torch.is_grad_enabled() and feature.requires_grad):
-            return roi_pool(maps, boxes, self.output_size, scale).to(feature.dtype)
-        from region_features.detector_heads import thread_pool
 
-        # the CPU kernel runs on one thread: one image per thread, as ParallelRoIAlign does
-        jobs = [thread_pool(workers).submit(roi_pool, maps[i:i + 1], [boxes[i]], self.output_size, scale)
-                for i in range(len(boxes))]
-        return torch.cat([job.result() for job in jobs]).to(feature.dtype)
+        def pool(maps: dict[str, Tensor], image_boxes: list[Tensor], _shapes) -> Tensor:
+            return roi_pool(maps[self.featmap_name], image_boxes, self.output_size, scale)
+
+        # torchvision's CPU kernel has no bf16: max pooling in float32 is exact, then back to the map's dtype
+        maps, boxes = {self.featmap_name: feature.float()}, [b.float() for b in boxes]
+        pooled = pool_per_image(pool, maps, boxes, image_shapes)
+        return (pool(maps, boxes, image_shapes) if pooled is None else pooled).to(feature.dtype)

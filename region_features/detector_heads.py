@@ -4,6 +4,8 @@ pooling the images of a batch in parallel at CPU inference."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -121,36 +123,39 @@ class Float32Predictor(FastRCNNPredictor):
 _POOL: dict[int, object] = {}  # worker count -> ThreadPoolExecutor
 
 
-def thread_pool(workers: int):
-    """The process's RoI-pooling thread pool of ``workers`` threads (made once)."""
+def pool_per_image(pool: Callable[..., Tensor], x: dict[str, Tensor], boxes: list[Tensor],
+                   image_shapes: list[tuple[int, int]]) -> Tensor | None:
+    """``pool(x, boxes, image_shapes)`` with each image of the batch on its own thread, at CPU inference: torchvision's
+    CPU RoI kernels run on one thread, so with N threads they leave N - 1 idle. Each call gets one image's maps and
+    boxes but the whole batch's ``image_shapes``, from which the maps' scales are inferred (a smaller image alone
+    rounds its padded map to the wrong scale, and MultiScaleRoIAlign keeps the scales of its first call). Returns
+    (sum K_i, C, S, S) in the images' order, or None where this does not apply (one thread or image, not CPU,
+    autograd): call ``pool`` itself."""
+    workers = min(torch.get_num_threads(), len(boxes))
+    first = next(iter(x.values()))
+    if workers < 2 or first.device.type != "cpu" or (torch.is_grad_enabled() and first.requires_grad):
+        return None
     from concurrent.futures import ThreadPoolExecutor
 
-    return _POOL.setdefault(workers, ThreadPoolExecutor(workers, thread_name_prefix="roi_pool"))
+    executor = _POOL.setdefault(workers, ThreadPoolExecutor(workers, thread_name_prefix="roi_pool"))
+    # autocast and inference mode are per thread: each worker runs under the caller's
+    autocast = dict(dtype=torch.get_autocast_dtype("cpu"), enabled=torch.is_autocast_enabled("cpu"))
+    inference = torch.is_inference_mode_enabled()
+
+    def one(i: int) -> Tensor:
+        with torch.autocast("cpu", **autocast), torch.inference_mode(inference), torch.no_grad():
+            return pool({name: level[i:i + 1] for name, level in x.items()}, [boxes[i]], image_shapes)
+
+    jobs = [executor.submit(one, i) for i in range(len(boxes))]
+    return torch.cat([job.result() for job in jobs])
 
 
 class ParallelRoIAlign(MultiScaleRoIAlign):
-    """``MultiScaleRoIAlign`` that, at CPU inference, pools each image of the batch on its own thread.
-
-    torchvision's CPU RoIAlign kernel runs on one thread, so with N threads it leaves N - 1 idle; per image, the
-    results are identical (the level of each box and the scales are per box and per feature map). Training and GPU
-    inputs take the parent's path.
+    """``MultiScaleRoIAlign`` that, at CPU inference, pools each image of the batch on its own thread
+    (``pool_per_image``); per image, the results are identical (the level of each box is per box, the scales per
+    feature map and batch). Training and GPU inputs take the parent's path.
     """
 
     def forward(self, x: dict[str, Tensor], boxes: list[Tensor], image_shapes: list[tuple[int, int]]) -> Tensor:
-        workers = min(torch.get_num_threads(), len(boxes))
-        first = next(iter(x.values()))
-        if workers < 2 or first.device.type != "cpu" or (torch.is_grad_enabled() and first.requires_grad):
-            return super().forward(x, boxes, image_shapes)
-        pool = thread_pool(workers)
-        parent = super().forward
-        # autocast and inference mode are per thread: each worker runs under the caller's
-        autocast = dict(dtype=torch.get_autocast_dtype("cpu"), enabled=torch.is_autocast_enabled("cpu"))
-        inference = torch.is_inference_mode_enabled()
-
-        def pooler(*args):
-            with torch.autocast("cpu", **autocast), torch.inference_mode(inference), torch.no_grad():
-                return parent(*args)
-
-        jobs = [pool.submit(pooler, {name: level[i:i + 1] for name, level in x.items()}, [boxes[i]], [image_shapes[i]])
-                for i in range(len(boxes))]
-        return torch.cat([job.result() for job in jobs])  # (sum K_i, C, S, S), in the images' order
+        pooled = pool_per_image(super().forward, x, boxes, image_shapes)
+        return super().forward(x, boxes, image_shapes) if pooled is None else pooled

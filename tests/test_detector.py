@@ -513,3 +513,33 @@ def test_a_fold_that_changes_the_output_is_not_kept():
     module.norm.bias.data.fill_(-1.0)
     kept, folded = fold_backbone(module)
     assert kept is module and folded == 0 and isinstance(module.norm, torch.nn.BatchNorm2d)
+
+
+def test_pooling_each_image_on_its_own_thread_equals_pooling_the_batch():
+    """ParallelRoIAlign and the C4 RoI max pool split a batch by image across threads. A smaller image's maps are
+    padded to the batch's size, so each call must infer the maps' scales from the whole batch's image sizes (given
+    the small image's alone, MultiScaleRoIAlign inferred scales twice too large and kept them for every batch)."""
+    from collections import OrderedDict
+
+    from torchvision.ops import MultiScaleRoIAlign
+
+    from region_features.c4 import RoIMaxPool
+    from region_features.detector_heads import ParallelRoIAlign
+
+    generator = torch.Generator().manual_seed(0)
+    maps = OrderedDict([("0", torch.rand(2, 4, 32, 40, generator=generator)),
+                        ("1", torch.rand(2, 4, 16, 20, generator=generator))])
+    shapes = [(80, 100), (128, 160)]  # the first image is padded to the second's size
+    boxes = [torch.tensor([[4.0, 6.0, 60.0, 50.0]]), torch.tensor([[8.0, 8.0, 90.0, 70.0], [0.0, 0.0, 30.0, 20.0]])]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with torch.inference_mode():
+            aligned = ParallelRoIAlign(["0", "1"], 7, 2)(maps, boxes, shapes)
+            pooled = RoIMaxPool("1", 7)(maps, boxes, shapes)
+        torch.set_num_threads(1)
+        with torch.inference_mode():
+            torch.testing.assert_close(aligned, MultiScaleRoIAlign(["0", "1"], 7, 2)(maps, boxes, shapes))
+            torch.testing.assert_close(pooled, RoIMaxPool("1", 7)(maps, boxes, shapes))
+    finally:
+        torch.set_num_threads(threads)
