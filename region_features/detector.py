@@ -45,6 +45,7 @@ from torchvision.ops import FeaturePyramidNetwork, clip_boxes_to_image, nms
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from torchvision.ops.misc import FrozenBatchNorm2d
 
+from region_features.c4 import C4Backbone, Res5Head, RoIMaxPool
 from region_features.detector_heads import (
     AttributeHead,
     Float32Predictor,
@@ -264,8 +265,6 @@ class RegionDetector(GeneralizedRCNN):
             raise UserError("detector.num_classes must be >= 1 (it is set from the training categories)")
         initial_state = _read_state_dict(Path(cfg.weights_path)) if cfg.weights_path is not None else None
         if cfg.architecture == "c4":
-            from region_features.c4 import C4Backbone
-
             backbone = C4Backbone(cfg.c4_blocks, cfg.c4_stem_width, stride_in_1x1=cfg.stride_in_1x1,
                                   frozen_bn=cfg.frozen_bn)
             representation_size = backbone.width
@@ -298,16 +297,12 @@ class RegionDetector(GeneralizedRCNN):
             nms_thresh=cfg.rpn_nms_thresh,
         )
         if cfg.roi_pool == "max":
-            from region_features.c4 import RoIMaxPool
-
             box_roi_pool = RoIMaxPool(backbone.featmap_names[0], cfg.roi_output_size)
         else:
             box_roi_pool = ParallelRoIAlign(
                 backbone.featmap_names, output_size=cfg.roi_output_size, sampling_ratio=cfg.roi_sampling_ratio
             )
         if cfg.architecture == "c4":
-            from region_features.c4 import Res5Head
-
             box_head = Res5Head(cfg.c4_blocks[3], cfg.c4_stem_width, stride_in_1x1=cfg.stride_in_1x1,
                                 dilation=cfg.c4_res5_dilation, frozen_bn=cfg.frozen_bn)
         elif cfg.box_head_convs:
