@@ -47,6 +47,7 @@ from vl.progress import progress_bar
 
 from vl.atomic import atomic_output, publish
 from vl.config import atomic_write_text
+from vl.data.formats import karpathy_tokens
 from vl.world.language import YesNoBalancer, describe_scene, make_captions, make_questions
 from vl.world.refer import scene_refs
 from vl.world.scene import (
@@ -399,7 +400,7 @@ def generate_world(out: str | os.PathLike, cfg: WorldConfig, force: bool = False
                     for caption in image_captions:
                         caption_id += 1
                         captions_anns.append({"id": caption_id, "image_id": scene.image_id, "caption": caption})
-                        sentences.append({"raw": caption, "tokens": _tokens(caption), "sentid": caption_id - 1,
+                        sentences.append({"raw": caption, "tokens": karpathy_tokens(caption), "sentid": caption_id - 1,
                                           "imgid": len(karpathy_images)})
                     karpathy_images.append({"filepath": f"{split}2014", "filename": scene.file_name,
                                             "imgid": len(karpathy_images), "split": split, "cocoid": scene.image_id,
@@ -477,8 +478,3 @@ def generate_world(out: str | os.PathLike, cfg: WorldConfig, force: bool = False
         total = sum(counts.values())
         print(f"generate-world: {total} images in {elapsed:.1f}s ({total / elapsed:.0f} images/s)", file=sys.stderr)
     return paths
-
-
-def _tokens(sentence: str) -> list[str]:
-    """Karpathy-style tokens: lower-case words, punctuation dropped."""
-    return re.findall(r"[a-z0-9]+", sentence.lower())

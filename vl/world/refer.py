@@ -9,21 +9,17 @@ blue star"), and every one fits that object and no other in the image.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
+from vl.data.formats import karpathy_tokens
 from vl.world.language import RELATION_TEXT, clear_relations, describe, unique_descriptions
 from vl.world.scene import Scene, SceneObject
 
 _ATTRIBUTE_SETS = (("shape",), ("color", "shape"), ("size", "shape"), ("size", "color", "shape"))
 MAX_SENTENCES = 3  # expressions per ref, at most
-
-
-def _tokens(text: str) -> list[str]:
-    return re.findall(r"[a-z0-9]+", text.lower())
 
 
 def _relational(obj: SceneObject, objects: Sequence[SceneObject], named: dict[int, str], side: int) -> list[str]:
@@ -69,8 +65,9 @@ def scene_refs(scene: Scene, ann_ids: Sequence[int], category_ids: dict[str, int
     for obj, ann_id, texts in zip(scene.objects, ann_ids, expressions(scene, rng)):
         if not texts:
             continue
-        sentences = [{"sent_id": sent_id + k, "raw": text, "sent": " ".join(_tokens(text)), "tokens": _tokens(text)}
-                     for k, text in enumerate(texts)]
+        tokens = [karpathy_tokens(text) for text in texts]
+        sentences = [{"sent_id": sent_id + k, "raw": text, "sent": " ".join(words), "tokens": words}
+                     for k, (text, words) in enumerate(zip(texts, tokens))]
         refs.append({"ref_id": ref_id, "ann_id": ann_id, "image_id": scene.image_id,
                      "category_id": category_ids[obj.shape], "split": split,
                      "file_name": f"{scene.file_name.rsplit('.', 1)[0]}_{ann_id}.jpg",
