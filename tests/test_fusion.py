@@ -276,3 +276,18 @@ def test_all_layers_returns_every_cls_state_ending_with_the_last(name):
     torch.testing.assert_close(every.layer_cls[-1], plain.text_hidden[:, :1])
     torch.testing.assert_close(every.pooled, plain.pooled)
     assert plain.layer_cls is None
+
+
+def test_box_norm_off_keeps_a_boxs_scale():
+    """LN(W b) with a zero bias is blind to b's scale, so two boxes on one ray from the corner look alike; without
+    the box LayerNorm (``region.box_norm: false``) they differ."""
+    torch.manual_seed(0)
+    feats = torch.zeros(1, 2, 8)
+    boxes = torch.tensor([[[0.1, 0.1, 0.2, 0.2], [0.2, 0.2, 0.4, 0.4]]])
+    tokens = {}
+    for box_norm in (True, False):
+        emb = RegionEmbeddings(8, 4, 16, dropout=0.0, box_norm=box_norm).eval()
+        torch.nn.init.zeros_(emb.box_proj.bias)
+        tokens[box_norm] = emb(feats, boxes)
+    assert torch.allclose(tokens[True][0, 0], tokens[True][0, 1], atol=1e-5)
+    assert not torch.allclose(tokens[False][0, 0], tokens[False][0, 1], atol=1e-3)

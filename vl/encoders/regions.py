@@ -49,10 +49,10 @@ class RegionEmbeddings(nn.Module):
     """Region tokens from features (B, R, D) and box geometry (B, R, G): (B, R, H).
 
     feature part: Linear(D, H) [-> LayerNorm when ``part_norm``]; box part likewise from G (none when
-    ``geometry_dim == 0``). The parts are averaged (``combine="mean"``, LXMERT) or summed (``"sum"``, UNITER,
-    ViLBERT); then an optional type embedding (``num_types`` rows, row ``type_id``) and visual position
-    embedding (``num_positions`` rows, row 0: VisualBERT) are added; then an optional final LayerNorm and
-    dropout. A model may pass ``type_embedding`` (a (H,) vector, UNITER's text segment row), ``shared_norm``
+    ``geometry_dim == 0``; no LayerNorm when ``box_norm`` is False). The parts are averaged (``combine="mean"``,
+    LXMERT) or summed (``"sum"``, UNITER, ViLBERT); then an optional type embedding (``num_types`` rows, row
+    ``type_id``) and visual position embedding (``num_positions`` rows, row 0: VisualBERT) are added; then an
+    optional final LayerNorm and dropout. A model may pass ``type_embedding`` (a (H,) vector, UNITER's text segment row), ``shared_norm``
     (VisualBERT normalises regions with the text embeddings' LayerNorm) and ``extra`` (B, R, H), added before the
     final norm (object tags summed into their regions), at call time.
     """
@@ -67,6 +67,7 @@ class RegionEmbeddings(nn.Module):
         dropout: float = 0.1,
         combine: Literal["mean", "sum"] = "mean",
         part_norm: bool = True,
+        box_norm: bool = True,
         final_norm: bool = False,
         num_types: int = 0,
         type_id: int = 1,
@@ -78,7 +79,8 @@ class RegionEmbeddings(nn.Module):
         self.feature_proj = nn.Linear(feature_dim, hidden_size)
         self.feature_norm = nn.LayerNorm(hidden_size, eps=layer_norm_eps) if part_norm else nn.Identity()
         self.box_proj = nn.Linear(geometry_dim, hidden_size) if geometry_dim else None
-        self.box_norm = nn.LayerNorm(hidden_size, eps=layer_norm_eps) if part_norm and geometry_dim else None
+        self.box_norm = (nn.LayerNorm(hidden_size, eps=layer_norm_eps) if part_norm and box_norm and geometry_dim
+                         else None)
         self.type_embeddings = nn.Embedding(num_types, hidden_size) if num_types else None
         self.position_embeddings = nn.Embedding(num_positions, hidden_size) if num_positions else None
         self.norm = nn.LayerNorm(hidden_size, eps=layer_norm_eps) if final_norm else None
@@ -131,6 +133,7 @@ def build_region_embeddings(cfg: FusionConfig, hidden_size: int) -> RegionEmbedd
         dropout=text.dropout,
         combine=region.combine,
         part_norm=region.part_norm,
+        box_norm=region.box_norm,
         final_norm=region.final_norm == "own",
         num_types=text.type_vocab_size if region.type_embedding == "own" else 0,
         type_id=region.type_id,

@@ -56,6 +56,8 @@ class RegionConfig:
     feature_dim: int = 2048  # D: 2048 for bottom-up-attention features, any width for ours
     geometry: GeometryKind = "lxmert4"  # box geometry fed to the box projection; "none": no box input
     part_norm: bool = True  # LayerNorm after each of the feature and box projections
+    # with part_norm, also the box projection's LayerNorm; it makes a box and its multiples alike (docs/experiments)
+    box_norm: bool = True
     combine: Literal["mean", "sum"] = "mean"  # how the feature and box parts are combined
     final_norm: Literal["none", "own", "text"] = "none"  # LayerNorm after combining; "text": the text embeddings'
     type_embedding: Literal["none", "own", "text"] = "none"  # add a type embedding: own table or text's segments
