@@ -52,8 +52,9 @@ class RegionEmbeddings(nn.Module):
     ``geometry_dim == 0``; no LayerNorm when ``box_norm`` is False). The parts are averaged (``combine="mean"``,
     LXMERT) or summed (``"sum"``, UNITER, ViLBERT); then an optional type embedding (``num_types`` rows, row
     ``type_id``) and visual position embedding (``num_positions`` rows, row 0: VisualBERT) are added; then an
-    optional final LayerNorm and dropout. A model may pass ``type_embedding`` (a (H,) vector, UNITER's text segment row), ``shared_norm``
-    (VisualBERT normalises regions with the text embeddings' LayerNorm) and ``extra`` (B, R, H), added before the
+    optional final LayerNorm and dropout. A model may pass ``type_embedding`` (a (H,) vector, UNITER's text
+    segment row), ``shared_norm`` (VisualBERT normalises regions with the text embeddings' LayerNorm) and
+    ``extra`` (B, R, H), added before the
     final norm (object tags summed into their regions), at call time.
     """
 
