@@ -254,6 +254,10 @@ def test_architectures_without_hf_format_refuse_export(tmp_path):
         model = build_pretraining_model(load_fusion_config(CONFIGS / name, ["model.tags.placement=text"]))
         with pytest.raises(UserError, match=r"cannot export a model with object tags \(model.tags\)"):
             export_hf_vl(model, tmp_path / f"tagged-{name}")
+    model = build_pretraining_model(load_fusion_config(CONFIGS / "lxmert-tiny.yaml", ["model.region.box_norm=false"]))
+    with pytest.raises(UserError, match=r"the region embeddings are not LXMERT's"):  # LXMERT has box_layer_norm
+        export_hf_vl(model, tmp_path / "lxmert-no-box-norm")
+    assert not (tmp_path / "lxmert-no-box-norm" / "model.safetensors").exists()
 
 
 @pytest.fixture(scope="module")

@@ -324,7 +324,7 @@ def hf_architecture(cfg: FusionConfig, heads: HeadsConfig) -> str:
             problems.append("vision.intermediate_size differs from text.intermediate_size")
         if cfg.text.layer_norm_eps != LXMERT_LAYER_NORM_EPS:
             problems.append(f"text.layer_norm_eps is {cfg.text.layer_norm_eps} (LXMERT: 1e-12)")
-        if region.geometry == "none" or not region.part_norm or region.combine != "mean" \
+        if region.geometry == "none" or not region.part_norm or not region.box_norm or region.combine != "mean" \
                 or region.final_norm != "none" or region.type_embedding != "none" or region.position_embedding:
             problems.append("the region embeddings are not LXMERT's (LN(W f) + LN(W b)) / 2")
         if heads.region_outputs and not set(heads.region_outputs) <= {"obj", "attr", "feat"}:

@@ -54,8 +54,7 @@ class RegionEmbeddings(nn.Module):
     ``type_id``) and visual position embedding (``num_positions`` rows, row 0: VisualBERT) are added; then an
     optional final LayerNorm and dropout. A model may pass ``type_embedding`` (a (H,) vector, UNITER's text
     segment row), ``shared_norm`` (VisualBERT normalises regions with the text embeddings' LayerNorm) and
-    ``extra`` (B, R, H), added before the
-    final norm (object tags summed into their regions), at call time.
+    ``extra`` (B, R, H), added before the final norm (object tags summed into their regions), at call time.
     """
 
     def __init__(
